@@ -1,0 +1,24 @@
+"""The pure tensor maths of Diffusion Blend: blend coefficients, samplers, the analytic toy.
+
+Nothing here imports diffusers, peft or transformers.
+"""
+
+from .blend import BASE, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key
+from .sampling import (
+    NoiseSchedule,
+    SampleOutput,
+    StepOutput,
+    cat_cond,
+    cfg_denoiser,
+    ddim_step,
+    ddpm_step,
+    gaussian_log_prob,
+    randn,
+    sample,
+)
+
+__all__ = [
+    "BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
+    "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "cfg_denoiser", "ddim_step",
+    "ddpm_step", "gaussian_log_prob", "randn", "sample",
+]

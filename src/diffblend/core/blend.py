@@ -1,0 +1,288 @@
+"""Blend maths of Diffusion Blend (Cheng et al., ICLR 2026, arXiv 2505.18547). Torch only.
+
+Glossary (paper notation):
+    m        number of reward-aligned models (one LoRA adapter per reward r_i)
+    w        preference weights over the m adapters, a probability vector (sum_i w_i = 1)
+    lambda   KL strength of DB-KLA: target KL weight alpha / lambda from a model aligned at alpha
+    eps_i    prediction of adapter i at (x_t, t, c); eps_pre that of the base model
+
+Every method is a linear combination of predictions over K = m + 1 models, ordered
+[base, adapter_1, ..., adapter_m], with coefficients
+
+    c = [(1 - lambda), lambda * w_1, ..., lambda * w_m]                           (joint MPA + KLA)
+
+so DB-MPA is lambda = 1 (the base term vanishes and the base need not be run) and DB-KLA with a
+single adapter is m = 1. eps-, v- and flow-velocity predictions are all affine in one another at a
+fixed (x_t, t) with coefficients that sum to one, so the same combination is exact in any of them.
+
+DB-MPA-LS replaces the weighted sum by one model drawn per step and per sample with probabilities c
+(Prop. 2); that needs c >= 0, i.e. lambda <= 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+BASE = "__base__"  # name of the base model in a blend, as in peft
+METHODS = ("mpa", "ls", "soup")
+
+__all__ = ["BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key"]
+
+
+def _check_number(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A validated description of one blend: weights w over named adapters, lambda, method, seed.
+
+    Build it with :meth:`Blend.create`, which validates its input once, here at the boundary.
+
+    Attributes:
+        names: adapter names, in adapter order (never contains ``"__base__"``).
+        weights: w, one per adapter, non-negative, summing to 1.
+        kl_strength: lambda >= 0 (1 = plain DB-MPA; < 1 conservative; > 1 extrapolates).
+        method: ``"mpa"`` (weighted sum of predictions), ``"ls"`` (one model drawn per step and
+            sample), or ``"soup"`` (Rewarded Soup: weight-space interpolation; the baseline).
+        seed: seed of the LS draws (ignored by the other methods).
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    kl_strength: float = 1.0
+    method: str = "mpa"
+    seed: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        weights: Mapping[str, float] | Sequence[float],
+        adapter_names: Sequence[str] | None = None,
+        *,
+        kl_strength: float = 1.0,
+        method: str = "mpa",
+        seed: int = 0,
+        normalize: bool = False,
+    ) -> Blend:
+        """Validate and build a blend.
+
+        Args:
+            weights: w as ``{name: w_i}`` or as a list in the order of ``adapter_names``. With a
+                dict and ``adapter_names`` given, names missing from the dict get weight 0.
+            adapter_names: the adapters available, in order. Required for a list of weights.
+            kl_strength: lambda, >= 0.
+            method: one of ``"mpa"``, ``"ls"``, ``"soup"``.
+            seed: integer seed for the LS draws.
+            normalize: divide w by its sum instead of requiring sum(w) = 1.
+
+        Raises:
+            ValueError: naming the argument and what is allowed.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        lam = _check_number("kl_strength (lambda)", kl_strength)
+        if lam < 0:
+            raise ValueError(f"kl_strength (lambda) must be >= 0, got {lam}")
+
+        if adapter_names is not None:
+            adapter_names = tuple(str(n) for n in adapter_names)
+            if BASE in adapter_names:
+                raise ValueError(
+                    f"adapter_names must not contain {BASE!r}: the base enters through kl_strength"
+                )
+            if len(set(adapter_names)) != len(adapter_names):
+                raise ValueError(f"adapter_names must be unique, got {list(adapter_names)}")
+            if not adapter_names:
+                raise ValueError("adapter_names must name at least one adapter")
+
+        if isinstance(weights, Mapping):
+            if BASE in weights:
+                raise ValueError(
+                    f"weights must not name {BASE!r}: set the base's share with kl_strength "
+                    f"(coefficient 1 - lambda)"
+                )
+            unknown = [k for k in weights if adapter_names is not None and k not in adapter_names]
+            if unknown:
+                raise ValueError(
+                    f"weights name unknown adapter(s) {unknown}; allowed: {list(adapter_names)}"
+                )
+            names = adapter_names if adapter_names is not None else tuple(str(k) for k in weights)
+            values = [_check_number(f"weights[{n!r}]", weights.get(n, 0.0)) for n in names]
+        else:
+            values = [_check_number(f"weights[{i}]", v) for i, v in enumerate(weights)]
+            if adapter_names is None:
+                raise ValueError("adapter_names is required when weights is a list")
+            if len(values) != len(adapter_names):
+                raise ValueError(
+                    f"weights has {len(values)} entries but there are {len(adapter_names)} "
+                    f"adapters {list(adapter_names)}; give one weight per adapter"
+                )
+            names = adapter_names
+        if not names:
+            raise ValueError("weights must name at least one adapter")
+
+        negative = [n for n, v in zip(names, values) if v < 0]
+        if negative:
+            raise ValueError(
+                f"weights must be >= 0 (w is a probability vector over rewards); negative for {negative}"
+            )
+        total = sum(values)
+        if total <= 0:
+            raise ValueError("weights must have a positive sum")
+        if normalize:
+            values = [v / total for v in values]
+        elif abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"weights must sum to 1 (got {total:.6g}); pass normalize=True to rescale them"
+            )
+        if method == "ls" and lam > 1 + 1e-12:
+            raise ValueError(
+                f"method 'ls' needs non-negative coefficients, but kl_strength (lambda) = {lam} > 1 "
+                f"gives the base coefficient 1 - lambda = {1 - lam:.3g} < 0 (Prop. 2 does not hold); "
+                f"use method='mpa' to extrapolate"
+            )
+        return cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed)
+
+    # -- coefficients --------------------------------------------------------------------------
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names of the K = m + 1 models the coefficients refer to: ``("__base__", *names)``."""
+        return (BASE, *self.names)
+
+    def coefficients(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """c over [base, adapter_1..m] = [(1 - lambda), lambda * w_1, ..., lambda * w_m]; shape (K,)."""
+        lam = self.kl_strength
+        return torch.tensor([1.0 - lam, *(lam * w for w in self.weights)], dtype=dtype)
+
+    def active(self) -> list[tuple[str, float]]:
+        """(model name, coefficient) for every model whose coefficient is non-zero, base first."""
+        return [(n, float(c)) for n, c in zip(self.model_names, self.coefficients()) if c != 0.0]
+
+    def as_dict(self) -> dict:
+        return {
+            "weights": dict(zip(self.names, self.weights)),
+            "kl_strength": self.kl_strength,
+            "method": self.method,
+            "seed": self.seed,
+        }
+
+
+def combine(preds: torch.Tensor | Sequence[torch.Tensor], coeffs: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """sum_k c_k * preds[k].
+
+    Args:
+        preds: (K, B, ...) stacked predictions (eps, v or flow velocity), or a list of K tensors.
+        coeffs: (K,) coefficients, or (K, B) per-sample coefficients.
+
+    Returns:
+        (B, ...) the combined prediction, in the dtype of ``preds``.
+    """
+    if not isinstance(preds, torch.Tensor):
+        preds = torch.stack(list(preds))
+    coeffs = torch.as_tensor(coeffs, dtype=preds.dtype, device=preds.device)
+    if coeffs.shape[0] != preds.shape[0]:
+        raise ValueError(f"coeffs has {coeffs.shape[0]} entries for {preds.shape[0]} predictions")
+    if coeffs.dim() > 2:
+        raise ValueError(f"coeffs must have shape (K,) or (K, B), got {tuple(coeffs.shape)}")
+    coeffs = coeffs.reshape(*coeffs.shape, *([1] * (preds.dim() - coeffs.dim())))
+    return (coeffs * preds).sum(0)
+
+
+def step_key(t: float | int | torch.Tensor) -> int:
+    """An integer key for a timestep value (discrete t or continuous sigma*1000) used to seed LS."""
+    if isinstance(t, torch.Tensor):
+        t = t.flatten()[0].item()
+    return int(round(float(t) * 1000))
+
+
+def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int) -> torch.Tensor:
+    """DB-MPA-LS draws: for each sample, the index of the one model to run at this step.
+
+    Sample j's draw is the j-th uniform of a ``torch.Generator`` seeded by ``(seed, step)``, so it
+    depends only on (seed, step, j): not on call order, batch splitting, or CFG (the cond and
+    uncond halves of a sample use the same draw). Index k is drawn with probability c_k.
+
+    Args:
+        coeffs: (K,) non-negative coefficients summing to 1.
+        seed: the blend's seed.
+        step: a per-step key, e.g. ``step_key(t)``.
+        num_samples: B.
+
+    Returns:
+        (B,) int64 indices into the K models.
+    """
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float64).cpu()
+    if (coeffs < 0).any():
+        raise ValueError("ls_choices needs non-negative coefficients (lambda <= 1); use MPA")
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    u = torch.rand(num_samples, generator=gen, dtype=torch.float64)
+    cdf = torch.cumsum(coeffs / coeffs.sum(), 0)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=len(coeffs) - 1)
+
+
+def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable:
+    """A denoiser that blends separate denoisers with ``blend`` (sequential execution).
+
+    Args:
+        denoisers: ``{name: denoiser(x_t, t, cond) -> pred}`` over ``"__base__"`` and the
+            adapter names; only models with a non-zero coefficient are ever called (the base
+            may be omitted when lambda = 1).
+        blend: the blend; method "mpa" sums the predictions with the coefficients, method "ls"
+            runs, for each sample, only the model drawn for it (:func:`ls_choices`).
+
+    The returned denoiser treats every row of x as its own sample (index = row), so wrap each
+    model in classifier-free guidance *before* blending (guidance is linear, so guiding then
+    blending equals blending then guiding).
+    """
+    if blend.method == "soup":
+        raise ValueError("method 'soup' blends weights, not predictions: use the adapter layer")
+    coeffs = blend.coefficients()
+    names = blend.model_names
+    missing = [n for n, c in blend.active() if n not in denoisers]
+    if missing:
+        raise ValueError(f"denoisers is missing models with non-zero coefficient: {missing}")
+
+    def blended(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        if blend.method == "mpa":
+            active = [(n, c) for n, c in blend.active()]
+            preds = torch.stack([denoisers[n](x, t, cond) for n, _ in active])
+            return combine(preds, [c for _, c in active])
+        choice = ls_choices(coeffs, blend.seed, step_key(t), x.shape[0]).to(x.device)
+        out = None
+        for k in choice.unique().tolist():
+            rows = (choice == k).nonzero().squeeze(1)
+            sub_cond = _index_cond(cond, rows)
+            pred = denoisers[names[k]](x[rows], t[rows] if t.dim() else t, sub_cond)
+            if out is None:
+                out = pred.new_empty((x.shape[0], *pred.shape[1:]))
+            out[rows] = pred
+        return out
+
+    blended.blend = blend  # type: ignore[attr-defined]
+    return blended
+
+
+def _index_cond(cond, rows: torch.Tensor):
+    """Select batch rows of a conditioning (tensor, dict/list of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[rows.to(cond.device)] if cond.dim() else cond
+    if isinstance(cond, Mapping):
+        return {k: _index_cond(v, rows) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_index_cond(v, rows) for v in cond)
+    return cond
