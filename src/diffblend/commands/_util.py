@@ -17,10 +17,10 @@ def parse_weights(text: str) -> dict[str, float]:
         name = name.strip()
         if not sep or not name:
             raise ValueError(f"--weights item {item!r} is malformed; expected NAME=W, e.g. legibility=0.7")
+        if name in out:
+            raise ValueError(f"--weights names {name!r} twice")
         try:
             out[name] = float(value)
         except ValueError:
             raise ValueError(f"--weights item {item!r}: {value!r} is not a number") from None
-        if name in out and list(out).count(name) > 1:
-            raise ValueError(f"--weights names {name!r} twice")
     return out
