@@ -237,8 +237,8 @@ def ddpm_step(
     beta_t = 1 - alpha_t
     mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0_hat + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
     variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-    t_pos = _bcast(torch.as_tensor(t) > 0, x_t)
-    std = torch.where(t_pos, variance.sqrt(), torch.zeros_like(variance))
+    t_pos = _bcast(torch.as_tensor(t) > 0, x_t)  # no noise is added at t = 0 (diffusers' rule)
+    std = variance.sqrt() * t_pos
     return _finish_step(mean, std, x_t, x0_hat, generator, noise, prev_sample)
 
 
