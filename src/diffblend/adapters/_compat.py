@@ -1,0 +1,174 @@
+"""The only code that touches peft's LoRA layer internals; every assumption is checked here.
+
+peft's ``LoraLayer`` can run a *mixed batch*: with ``adapter_names=[name per row]`` in its forward
+kwargs, row b gets ``base(x_b) + scaling * B_name A_name x_b`` (``"__base__"`` = no adapter). peft
+only passes that argument through its own ``PeftModel`` (a forward pre-hook on every LoRA layer);
+diffusers models do not, and ``cross_attention_kwargs={"adapter_names": ...}`` is silently ignored.
+:func:`route` installs the same pre-hook on the LoRA layers of any diffusers model for the duration
+of one forward.
+
+Switching which adapter runs (sequential mode, Rewarded Soup, the base) writes the layers'
+``_active_adapter`` / ``_disable_adapters`` / ``scaling`` directly instead of calling
+``set_adapter``: the public call also flips ``requires_grad`` of the adapter weights, which must
+not change under an RL trainer. :class:`LayerState` restores all three afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import torch
+
+MIN_PEFT = (0, 13, 0)
+MIN_DIFFUSERS = (0, 32, 0)
+_LAYER_ATTRS = ("_active_adapter", "_disable_adapters", "scaling", "lora_A", "lora_B", "merged", "use_dora")
+
+__all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "is_merged", "route", "active", "scaled_sum",
+           "LayerState"]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_versions() -> None:
+    """Raise RuntimeError if the installed peft / diffusers lack what this module relies on."""
+    import diffusers
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    if _version(peft.__version__) < MIN_PEFT:
+        raise RuntimeError(f"diffblend needs peft >= {'.'.join(map(str, MIN_PEFT))}, found {peft.__version__}")
+    if _version(diffusers.__version__) < MIN_DIFFUSERS:
+        raise RuntimeError(
+            f"diffblend needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))}, found {diffusers.__version__}")
+    for attr in ("_mixed_batch_forward", "_check_forward_args"):
+        if not hasattr(LoraLayer, attr):
+            raise RuntimeError(
+                f"peft {peft.__version__}: LoraLayer has no {attr}; per-sample adapter batches are unavailable")
+
+
+def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every peft ``LoraLayer`` inside ``model``, checked to expose the attributes used here."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            missing = [a for a in _LAYER_ATTRS if not hasattr(module, a)]
+            if missing:
+                raise RuntimeError(f"peft LoRA layer {name!r} lacks {missing}: unsupported peft version")
+            layers.append(module)
+        elif isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"module {name!r} holds a non-LoRA peft adapter ({type(module).__name__}); only LoRA can be blended")
+    return layers
+
+
+def adapters_on(layers: Sequence[torch.nn.Module]) -> list[str]:
+    """Adapter names present on the layers, in load order."""
+    names: dict[str, None] = {}
+    for layer in layers:
+        names.update(dict.fromkeys(layer.lora_A.keys()))
+    return list(names)
+
+
+def dora_adapters(layers: Sequence[torch.nn.Module]) -> set[str]:
+    """Names of the adapters that use DoRA on at least one layer."""
+    return {n for layer in layers for n, on in layer.use_dora.items() if on}
+
+
+def is_merged(layers: Sequence[torch.nn.Module]) -> bool:
+    """True if some adapter is merged (fused) into a base weight, so the base is not the base."""
+    return any(layer.merged for layer in layers)
+
+
+def _adapter_names_hook(module, args, kwargs, names):
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def route(layers: Sequence[torch.nn.Module], names: Sequence[str]) -> Iterator[None]:
+    """Within the block, row b of every LoRA layer's input uses adapter ``names[b]``.
+
+    Layers whose input is not batch-first with len(names) rows raise peft's ValueError (they are
+    never silently mis-routed). Adapters are enabled for the block (a disabled layer would ignore
+    ``adapter_names``) and the previous state is restored after.
+    """
+    names = list(names)
+    state = LayerState(layers)
+    handles = []
+    try:
+        for layer in layers:
+            layer._disable_adapters = False
+            handles.append(layer.register_forward_pre_hook(partial(_adapter_names_hook, names=names), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        state.restore()
+
+
+class LayerState:
+    """Snapshot of which adapters are active, whether adapters are disabled, and the scalings."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        self._saved = [
+            (layer, list(layer.active_adapters), layer._disable_adapters, dict(layer.scaling)) for layer in layers
+        ]
+
+    def restore(self) -> None:
+        for layer, active, disabled, scaling in self._saved:
+            layer._active_adapter = active
+            layer._disable_adapters = disabled
+            layer.scaling.clear()
+            layer.scaling.update(scaling)
+
+    def original_scaling(self, index: int) -> dict:
+        return self._saved[index][3]
+
+
+@contextlib.contextmanager
+def active(layers: Sequence[torch.nn.Module], name: str | None) -> Iterator[None]:
+    """Within the block, only adapter ``name`` runs (``None`` or ``"__base__"``: no adapter)."""
+    state = LayerState(layers)
+    try:
+        for layer in layers:
+            if name is None or name == "__base__":
+                layer._disable_adapters = True
+            else:
+                layer._disable_adapters = False
+                layer._active_adapter = [name]
+        yield
+    finally:
+        state.restore()
+
+
+@contextlib.contextmanager
+def scaled_sum(layers: Sequence[torch.nn.Module], scales: dict[str, float]) -> Iterator[None]:
+    """Within the block, every layer computes ``W x + sum_i s_i * scaling_i * B_i A_i x``.
+
+    That is the layer with weight ``W + sum_i s_i * scaling_i * B_i A_i``: the exact
+    weight-space sum of the adapters' delta-W (what peft's ``add_weighted_adapter(...,
+    combination_type="cat")`` builds as one adapter), without merging or copying any weight.
+    """
+    state = LayerState(layers)
+    names = [n for n, s in scales.items() if s != 0.0]
+    try:
+        for i, layer in enumerate(layers):
+            layer._disable_adapters = not names
+            layer._active_adapter = list(names)
+            for n in names:
+                if n in layer.scaling:
+                    layer.scaling[n] = state.original_scaling(i)[n] * float(scales[n])
+        yield
+    finally:
+        state.restore()

@@ -1,0 +1,187 @@
+"""Blend the LoRA adapters of one shared base model at every forward call.
+
+Given a :class:`~diffblend.core.blend.Blend` (w over adapter names, lambda, method, seed), a call of
+the model on a batch x of B rows returns, for every row,
+
+    mpa :  sum_k c_k * model_k(x)          c = [(1 - lambda), lambda * w]  over [base, adapters]
+    ls  :  model_{k_j}(x)                  k_j ~ Categorical(c) per sample j and step (core.ls_choices)
+    soup:  model with W + lambda * sum_i w_i * dW_i   (Rewarded Soup, weight space; see baselines.soup)
+
+The rows may hold G stacked groups of the same samples (G = 2 for classifier-free guidance, as
+diffusers stacks ``[uncond; cond]``): row r is sample ``r % (B // G)``, so both halves of a sample
+get the same LS draw. The maths is the core blend maths only (coefficients, combine, ls_choices).
+
+Two execution modes give the same numbers:
+  * ``"batched"``: one forward of K*B rows, row block k routed to model k (peft mixed batches);
+  * ``"sequential"``: K forwards of B rows, switching the active adapter in between.
+``"auto"`` picks batched on CUDA (one larger batch uses the device better) and sequential on the
+CPU (no parallelism to gain, and the mixed-batch gathers cost extra).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..core.blend import BASE, Blend, combine, ls_choices, step_key
+from . import _compat
+
+MODES = ("auto", "batched", "sequential")
+# Tensors passed to the model that have no batch dimension even when their first size equals B.
+_NOT_BATCHED = frozenset({"img_ids", "txt_ids"})
+
+__all__ = ["MODES", "Blender", "resolve_mode"]
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """"auto" -> "batched" on CUDA, "sequential" elsewhere; other modes are returned as given."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "batched" if torch.device(device).type == "cuda" else "sequential"
+    return mode
+
+
+def _map_batch(value: Any, B: int, fn: Callable[[torch.Tensor], torch.Tensor], key: str = "") -> Any:
+    """Apply fn to every tensor in value (nested dicts/lists) whose first dimension is the batch B."""
+    if key in _NOT_BATCHED:
+        return value
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.dim() > 0 and value.shape[0] == B else value
+    if isinstance(value, Mapping):
+        return {k: _map_batch(v, B, fn, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_map_batch(v, B, fn) for v in value)
+    return value
+
+
+def _first(out: Any) -> torch.Tensor:
+    """The prediction in a model output: ``(pred, ...)`` or a diffusers ``BaseOutput``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0]
+
+
+def _replace_first(out: Any, pred: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return pred
+    if isinstance(out, tuple):
+        return (pred, *out[1:])
+    key = next(iter(out.keys()))
+    return type(out)(**{**out, key: pred})
+
+
+class Blender:
+    """Runs one diffusers model (UNet / transformer with LoRA adapters loaded) as a blend.
+
+    Args:
+        model: the shared base with its adapters (``pipe.unet`` or ``pipe.transformer``).
+        mode: "auto", "batched" or "sequential".
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str = "auto"):
+        _compat.check_versions()
+        resolve_mode(mode, torch.device("cpu"))  # validate now
+        self.model = model
+        self.mode = mode
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # drop self
+        self._sample_arg = params[0].name  # "sample" (UNet) or "hidden_states" (transformers)
+        self._var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the model's LoRA layers (after adapters were loaded or deleted)."""
+        self.layers = _compat.lora_layers(self.model)
+        self.adapter_names = _compat.adapters_on(self.layers)
+        self.dora = _compat.dora_adapters(self.layers)
+
+    def check(self, blend: Blend | None, mode: str) -> None:
+        """Refuse blends that cannot run on this model in this mode (named adapter and reason)."""
+        if _compat.is_merged(self.layers):
+            raise ValueError(
+                "the model has fused (merged) LoRA weights, so its weights are not the base model's; "
+                "unfuse them first (pipe.unfuse_lora())")
+        if blend is None:
+            return
+        missing = [n for n in blend.names if n not in self.adapter_names]
+        if missing:
+            raise ValueError(f"weights name adapter(s) {missing} that are not loaded; loaded: {self.adapter_names}")
+        dora = sorted(n for n, c in blend.active() if n in self.dora)
+        if dora and blend.method == "soup":
+            raise ValueError(
+                f"adapter(s) {dora} use DoRA, whose weight update is not linear in the adapter; "
+                f"Rewarded Soup (a weighted sum of delta-W) is undefined for them")
+        if dora and mode == "batched":
+            raise ValueError(f"adapter(s) {dora} use DoRA, which peft cannot run in mixed batches; use mode='sequential'")
+
+    # -- the forward ---------------------------------------------------------------------------
+    def forward(self, forward: Callable, blend: Blend | None, groups: int, args: tuple, kwargs: dict,
+                mode: str | None = None) -> Any:
+        """Call ``forward(*args, **kwargs)`` (the model's own forward) as the blend ``blend``.
+
+        Args:
+            forward: the unwrapped forward of ``self.model``.
+            blend: the blend; None runs the base model (no adapter).
+            groups: G, how many stacked copies of the samples the batch holds (2 with CFG).
+        """
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        if self._var_kw is not None:
+            call.update(call.pop(self._var_kw, {}))
+        x = call[self._sample_arg]
+        B = x.shape[0]
+        if B % groups:
+            raise ValueError(f"batch of {B} rows is not {groups} stacked groups of samples")
+        mode = resolve_mode(mode or self.mode, x.device)
+        self.check(blend, mode)
+        if blend is None:
+            with _compat.active(self.layers, None):
+                return forward(**call)
+        if blend.method == "soup":
+            scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights)}
+            with _compat.scaled_sum(self.layers, scales):
+                return forward(**call)
+        names = blend.model_names
+        if blend.method == "ls":
+            draw = ls_choices(blend.coefficients(), blend.seed, step_key(call.get("timestep", 0)), B // groups)
+            per_row = draw.repeat(groups)  # row r is sample r % (B // G)
+            if mode == "batched":
+                with _compat.route(self.layers, [names[k] for k in per_row.tolist()]):
+                    return forward(**call)
+            return self._sequential_rows(forward, call, per_row, names, B)
+        active = blend.active()  # [(name, c)] with c != 0, base first
+        if len(active) == 1 and active[0][1] == 1.0:  # one-hot w with lambda = 1, or lambda = 0
+            with _compat.active(self.layers, active[0][0]):
+                return forward(**call)
+        if mode == "batched":
+            K = len(active)
+            big = {k: _map_batch(v, B, lambda t: t.repeat(K, *([1] * (t.dim() - 1))), k) for k, v in call.items()}
+            with _compat.route(self.layers, [n for n, _ in active for _ in range(B)]):
+                out = forward(**big)
+            pred = _first(out)
+            preds = pred.reshape(K, B, *pred.shape[1:])  # row block k is model k
+        else:
+            outs = []
+            for n, _ in active:
+                with _compat.active(self.layers, n):
+                    out = forward(**call)
+                outs.append(_first(out))
+            preds = torch.stack(outs)
+        return _replace_first(out, combine(preds, [c for _, c in active]))
+
+    def _sequential_rows(self, forward, call, per_row, names, B):
+        """LS in sequential mode: one forward per drawn model over the rows that drew it."""
+        out, result = None, None
+        for k in per_row.unique().tolist():
+            rows = (per_row == k).nonzero().squeeze(1).to(call[self._sample_arg].device)
+            sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()}
+            with _compat.active(self.layers, names[k]):
+                out = forward(**sub)
+            pred = _first(out)
+            if result is None:
+                result = pred.new_empty((B, *pred.shape[1:]))
+            result[rows] = pred
+        return _replace_first(out, result)

@@ -1,0 +1,177 @@
+"""Diffusion Blend inside an existing diffusers pipeline (SD 1.5, SDXL, the embedded default model, ...).
+
+    pipe = StableDiffusionPipeline.from_pretrained(...)
+    bp = BlendPipeline(pipe, adapters={"aesthetic": "aes.safetensors", "text": "txt.safetensors"})
+    images = bp("a cat", weights={"aesthetic": 0.3, "text": 0.7}, kl_strength=1.0, method="mpa",
+                num_inference_steps=50, guidance_scale=7.5, eta=1.0, generator=g).images
+
+The user keeps the pipeline's own arguments; the blend (w, lambda, method, LS seed) is given per
+call, so changing it costs nothing (no reload, no merge). During a call the pipeline's denoiser
+(``pipe.unet`` or ``pipe.transformer``) has its forward wrapped by a :class:`~.adapters.Blender`;
+diffusers pipelines call it on ``[uncond; cond]`` rows under CFG, and the wrapper combines every
+adapter's prediction of both halves (guidance is linear, so blending guided predictions equals
+guiding the blended one, Sec. 4 of the paper).
+
+Methods (Cheng et al., ICLR 2026): ``"mpa"`` DB-MPA / DB-KLA (weighted sum of the predictions, with
+the base at coefficient 1 - lambda), ``"ls"`` DB-MPA-LS (one model per sample and step, exact in
+distribution only with a stochastic sampler: DDIM eta = 1, DDPM; with an ODE sampler such as
+deterministic DDIM or flow-matching Euler it is a randomised heuristic and a warning is issued),
+``"soup"`` Rewarded Soup (the baseline). Flow-matching transformers (SD3, Flux) go through the same
+code: the blend of velocity predictions is the same linear combination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters.blender import Blender, resolve_mode
+from .adapters.denoiser import blend_denoiser
+from .adapters.loading import AdapterError, load_adapter
+from .core.blend import Blend
+from .core.sampling import Denoiser
+
+__all__ = ["BlendPipeline", "blend_denoiser", "AdapterError"]
+
+
+def _is_stochastic(scheduler: Any, call_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the pipeline's sampler injects fresh noise at every step (LS needs it, Prop. 2)."""
+    name = type(scheduler).__name__
+    if "DDPM" in name or "Ancestral" in name or "SDE" in name:
+        return True
+    if name.startswith("DDIM"):
+        return float(call_kwargs.get("eta", 0.0)) > 0
+    return bool(getattr(getattr(scheduler, "config", None), "stochastic_sampling", False))
+
+
+class BlendPipeline:
+    """A diffusers pipeline whose denoiser blends named LoRA adapters at inference time.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` (the shared base).
+        adapters: ``{name: path}`` of LoRA files / peft directories to load (see :meth:`load_adapter`).
+            Adapters already on the denoiser (e.g. from ``pipe.load_lora_weights``) are kept and usable.
+        mode: "auto" (batched on CUDA, sequential elsewhere), "batched" or "sequential".
+        allow_pickle: accept pickle files (``.bin``, ``.ckpt``...) for adapters you trust.
+        text_encoder: "refuse" (default) or "ignore" text-encoder LoRA components of adapter files.
+    """
+
+    def __init__(self, pipe: Any, adapters: Mapping[str, str | Path] | None = None, *, mode: str = "auto",
+                 allow_pickle: bool = False, text_encoder: str = "refuse"):
+        if getattr(pipe, "unet", None) is not None:
+            self.component = "unet"
+        elif getattr(pipe, "transformer", None) is not None:
+            self.component = "transformer"
+        else:
+            raise ValueError(f"pipe must have a unet or a transformer, got {type(pipe).__name__}")
+        if getattr(pipe, "num_fused_loras", 0):
+            raise AdapterError(
+                f"the pipeline has {pipe.num_fused_loras} fused LoRA(s) in its weights, so they are not the base "
+                f"model's; unfuse them first (pipe.unfuse_lora())")
+        self.pipe = pipe
+        self.model: torch.nn.Module = getattr(pipe, self.component)
+        self.allow_pickle = allow_pickle
+        self.text_encoder = text_encoder
+        self.blender = Blender(self.model, mode)
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
+                        mode: str = "auto", **pipe_kwargs: Any) -> BlendPipeline:
+        """``DiffusionPipeline.from_pretrained(model, **pipe_kwargs)`` (a local directory here), then adapters."""
+        from diffusers import DiffusionPipeline
+
+        return cls(DiffusionPipeline.from_pretrained(model, **pipe_kwargs), adapters, mode=mode)
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters on the denoiser, in load order."""
+        return list(self.blender.adapter_names)
+
+    @property
+    def mode(self) -> str:
+        return self.blender.mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        resolve_mode(value, torch.device("cpu"))
+        self.blender.mode = value
+
+    def load_adapter(self, name: str, path: str | Path, *, allow_pickle: bool | None = None,
+                     text_encoder: str | None = None) -> None:
+        """Check and load one LoRA adapter under ``name`` (errors: :class:`AdapterError`)."""
+        load_adapter(self.model, name, path, component=self.component,
+                     allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
+                     text_encoder=self.text_encoder if text_encoder is None else text_encoder)
+        self.blender.refresh()
+
+    # -- blending ------------------------------------------------------------------------------
+    def make_blend(self, weights: Mapping[str, float] | Sequence[float] | None, *, kl_strength: float = 1.0,
+                   method: str = "mpa", blend_seed: int = 0, normalize: bool = False) -> Blend | None:
+        """Validate a blend over this pipeline's adapters (None weights: the base model)."""
+        if weights is None:
+            return None
+        return Blend.create(weights, self.adapter_names, kl_strength=kl_strength, method=method, seed=blend_seed,
+                            normalize=normalize)
+
+    def denoiser(self, blend: Blend | None, **kwargs: Any) -> Denoiser:
+        """:func:`blend_denoiser` over this pipeline's denoiser (for ``core.sample``)."""
+        return blend_denoiser(self.model, blend, mode=kwargs.pop("mode", self.blender.mode), blender=self.blender,
+                              **kwargs)
+
+    @contextlib.contextmanager
+    def attached(self, blend: Blend | None, mode: str | None = None) -> Iterator[None]:
+        """Within the block, every call of the pipeline's denoiser runs as ``blend``."""
+        model = self.model
+        had_own = "forward" in model.__dict__  # e.g. an accelerate offload hook's forward
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            groups = 2 if getattr(self.pipe, "do_classifier_free_guidance", False) else 1
+            return self.blender.forward(inner, blend, groups, args, kwargs, mode)
+
+        model.forward = forward
+        try:
+            yield
+        finally:
+            if had_own:
+                model.forward = inner
+            else:
+                del model.forward
+
+    def __call__(self, *args: Any, weights: Mapping[str, float] | Sequence[float] | None = None,
+                 kl_strength: float = 1.0, method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
+                 mode: str | None = None, **pipe_kwargs: Any) -> Any:
+        """Run the pipeline with its usual arguments, blending the adapters with w = ``weights``.
+
+        Args:
+            weights: w as ``{name: w_i}`` (missing names get 0) or a list in ``adapter_names`` order;
+                must sum to 1 unless normalize=True. None: the plain base model.
+            kl_strength: lambda >= 0 (1: DB-MPA; < 1 closer to the base; > 1 extrapolates, MPA only).
+            method: "mpa", "ls" or "soup".
+            blend_seed: seed of the LS draws (per sample and step; the pipeline's generator is untouched).
+            mode: override the execution mode for this call.
+            **pipe_kwargs: the pipeline's own arguments (prompt, num_inference_steps, guidance_scale,
+                eta, generator, latents, output_type, callback_on_step_end, ...).
+
+        Returns:
+            the pipeline's own output.
+        """
+        blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
+                                normalize=normalize)
+        device = next(self.model.parameters()).device
+        self.blender.check(blend, resolve_mode(mode or self.blender.mode, device))
+        if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe.scheduler, pipe_kwargs):
+            warnings.warn(
+                f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM); with "
+                f"{type(self.pipe.scheduler).__name__} (eta={pipe_kwargs.get('eta', 0.0)}) it is a heuristic",
+                stacklevel=2)
+        with self.attached(blend, mode):
+            return self.pipe(*args, **pipe_kwargs)

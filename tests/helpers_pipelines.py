@@ -1,0 +1,150 @@
+"""Tiny SD 1.5- and SDXL-shaped pipelines built from configs, and LoRA files written by diffusers.
+
+No hub access: every component is built from a small config with a fixed seed, and the CLIP
+tokenizer gets a byte-level vocabulary written on the fly (no merges, so one token per character).
+Latents are 8x8 with 4 channels; the models have 16-32 channels, so a full pipeline call with a few
+steps takes tens of milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["tiny_sd", "tiny_sdxl", "save_random_lora", "LORA_TARGETS"]
+
+# Attention projections, the transformer's in/out projections and the resnets' time projections
+# (a (B, C) input, unlike the (B, N, C) of attention): routing must hold for every input layout.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "time_emb_proj"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters of the GPT-2 / CLIP byte-level alphabet."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _tokenizer():
+    """A CLIPTokenizer over byte-level symbols only (no merges): one token per character."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)  # 512
+    vocab["<|endoftext|>"] = len(vocab)  # 513
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def _text_encoder(with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=16, projection_dim=32,
+                         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="gelu")
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _seeded(seed, lambda: cls(cfg).eval())
+
+
+def _seeded(seed: int, build):
+    """Call ``build()`` with the global RNG seeded (model constructors draw from it), then restore it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    return _seeded(seed, lambda: AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=16).eval())
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_sd(tmpdir: str | os.PathLike, seed: int = 0):
+    """A StableDiffusionPipeline (SD 1.5 layout: DDIM, epsilon, CLIP text encoder), 16x16 pixels, 8x8 latents."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = _seeded(seed, lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval())
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), tokenizer=_tokenizer(),
+        unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(tmpdir: str | os.PathLike, seed: int = 0):
+    """A StableDiffusionXLPipeline (two text encoders, text_time added conditioning), 16x16 pixels."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = _seeded(seed, lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + projection_dim
+        cross_attention_dim=64, norm_num_groups=8).eval())
+    tok = _tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, alpha: float = 8.0,
+                     targets: list[str] | None = None, use_dora: bool = False,
+                     text_encoder: bool = False) -> Path:
+    """Write a LoRA for ``pipe.unet`` with ``type(pipe).save_lora_weights`` and return the file path.
+
+    lora_B is random (peft initialises it to zero, which would make every adapter equal to the base),
+    scaled so that the adapters change the predictions by a few percent. The adapter is removed from
+    the pipeline again, which is left as it was.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    name = f"tmp{seed}"
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, init_lora_weights=False,
+                     use_dora=use_dora)
+    unet.add_adapter(cfg, adapter_name=name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod_name, p in unet.named_parameters():
+            if f"lora_A.{name}" in mod_name or f"lora_B.{name}" in mod_name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    sd = get_peft_model_state_dict(unet, adapter_name=name)
+    kwargs = {"unet_lora_layers": sd, "unet_lora_adapter_metadata": cfg.to_dict()}
+    te_name = None
+    if text_encoder:
+        te_cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        pipe.text_encoder.add_adapter(te_cfg, adapter_name=name)
+        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder, adapter_name=name)
+        te_name = name
+    out = Path(path)
+    type(pipe).save_lora_weights(out, weight_name="lora.safetensors", **kwargs)
+    unet.delete_adapters(name)
+    if te_name is not None:
+        pipe.text_encoder.delete_adapter(te_name)
+    return out / "lora.safetensors"
