@@ -1,0 +1,110 @@
+"""The resolved configuration of one RL fine-tuning run (written to ``config.json`` in the run dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["FinetuneConfig", "DIGIT_PROMPTS"]
+
+DIGIT_PROMPTS = tuple(str(d) for d in range(10))  # the embedded default model's prompts
+
+
+@dataclass
+class FinetuneConfig:
+    """DPOK-style fine-tuning of one LoRA adapter for one reward (or one weighted reward, MORL).
+
+    Every field has its unit. "epoch" = one round of rollouts followed by the policy updates on them.
+    """
+
+    # -- what to train ------------------------------------------------------------------------
+    reward: str = "jpeg_compressibility"  # reward name, or NAME=W,NAME=W (w >= 0, sum 1) for a MORL oracle
+    kl: float = 1.0  # alpha, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step (per reward unit)
+    model: str | None = None  # diffusers pipeline folder; None = the embedded digits model
+    prompts: tuple[str, ...] = DIGIT_PROMPTS  # prompts drawn uniformly for the rollouts
+    # -- adapter --------------------------------------------------------------------------------
+    rank: int = 4  # LoRA rank r
+    lora_alpha: float | None = None  # peft lora_alpha (adapter scale lora_alpha / r); None = r
+    # -- rollouts -------------------------------------------------------------------------------
+    epochs: int = 30  # number of rollout + update rounds
+    prompts_per_epoch: int = 4  # distinct prompt draws per epoch and process
+    samples_per_prompt: int = 4  # images per prompt (the group of the per-prompt advantage), >= 2
+    num_steps: int = 20  # DDIM steps per rollout
+    eta: float = 1.0  # DDIM eta (1 = stochastic, needed for log-probs of every step)
+    guidance_scale: float = 1.0  # classifier-free guidance scale of the rollouts (1 = none)
+    # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
+    inner_epochs: int = 1  # passes over each epoch's rollouts
+    minibatch_size: int = 8  # trajectories per optimizer step
+    timestep_fraction: float = 1.0  # fraction of the num_steps transitions trained per trajectory, (0, 1]
+    clip_range: float = 1e-4  # PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)
+    adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max], in reward std units
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping (L2 norm over the LoRA parameters)
+    # -- bookkeeping ----------------------------------------------------------------------------
+    seed: int = 0  # seeds the adapter init, the rollout noise (per epoch, process, sample) and the shuffles
+    checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    extra: dict = field(default_factory=dict)  # free-form notes recorded with the run (not used by training)
+
+    def __post_init__(self) -> None:
+        self.prompts = tuple(str(p) for p in self.prompts)
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of its allowed range."""
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.reward, str) and bool(self.reward.strip()), "reward", "a reward name or NAME=W,...")
+        need(self.kl >= 0, "kl", ">= 0")
+        need(len(self.prompts) > 0, "prompts", "a non-empty list")
+        need(self.rank >= 1, "rank", ">= 1")
+        need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "> 0 or None")
+        for name in ("epochs", "prompts_per_epoch", "num_steps", "inner_epochs", "minibatch_size",
+                     "checkpoint_every", "keep_checkpoints"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an int >= 1")
+        need(self.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 (advantages are normalised per prompt)")
+        need(0.0 < self.eta <= 1.0, "eta", "in (0, 1] (a deterministic step has no log-prob)")
+        need(self.guidance_scale >= 0, "guidance_scale", ">= 0")
+        need(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", "in (0, 1]")
+        need(self.clip_range > 0, "clip_range", "> 0")
+        need(self.adv_clip_max > 0, "adv_clip_max", "> 0")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
+
+    @property
+    def batch_size(self) -> int:
+        """Trajectories per epoch and process."""
+        return self.prompts_per_epoch * self.samples_per_prompt
+
+    # -- files ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prompts"], d["adam_betas"] = list(self.prompts), list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config has unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FinetuneConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

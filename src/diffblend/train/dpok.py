@@ -1,0 +1,146 @@
+"""The DPOK / DDPO maths: rollouts with log-probs, per-prompt advantages, the clipped loss with KL.
+
+DPOK (Fan et al., 2023) maximises E[r(x0)] - alpha * KL(p_theta || p_pre) over the denoising MDP,
+whose actions are the transitions x_t -> x_{t-1} of a stochastic sampler (DDIM eta = 1). Per
+stored transition (x_t, x_{t-1}) with advantage A it minimises
+
+    -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + alpha * sum_d (eps_theta - eps_pre)^2,
+    rho = p_theta(x_{t-1} | x_t) / p_old(x_{t-1} | x_t),
+
+the PPO-clipped ratio of DDPO (Black et al., 2023) and DPOK's KL bound (its Lemma: the path KL is
+bounded by a weighted sum of squared noise-prediction differences), eps_pre the frozen base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffblend.core import cfg_denoiser, ddim_step, randn, sample
+
+__all__ = ["Rollouts", "rollout", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
+           "transition_kl"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Rollouts:
+    """B trajectories of N steps.
+
+    prompts: B prompts. cond: (B, L, D) their embeddings. timesteps: (N,) descending.
+    latents: (N + 1, B, C, h, w), x_T .. x_0. log_probs: (N, B) log p_old(x_{i+1} | x_i) as sampled.
+    images: (B, C', H, W) in [0, 1], decoded x_0.
+    """
+
+    prompts: list[str]
+    cond: torch.Tensor
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    images: torch.Tensor
+
+
+def guided(denoiser: Denoiser, guidance_scale: float, uncond: torch.Tensor | None, batch: int) -> Denoiser:
+    """``denoiser`` with classifier-free guidance (uncond (1, L, D) expanded to the batch) if scale != 1."""
+    if guidance_scale == 1.0:
+        return denoiser
+    if uncond is None:
+        raise ValueError("guidance_scale != 1 needs the unconditional embedding uncond")
+    return cfg_denoiser(denoiser, guidance_scale, uncond.expand(batch, *uncond.shape[1:]))
+
+
+@torch.no_grad()
+def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequence[torch.Generator], *,
+            num_steps: int, eta: float = 1.0, guidance_scale: float = 1.0,
+            uncond: torch.Tensor | None = None) -> Rollouts:
+    """Sample B = len(prompts) trajectories with the core's sampler, keeping x_t and log-probs.
+
+    Args:
+        denoiser: the current policy, ``(x_t, t, cond) -> pred`` (adapter enabled).
+        policy: a :class:`~diffblend.train.policy.DiffusionPolicy` (schedule, encode, decode, shapes).
+        generators: one per trajectory: its x_T and its step noise, so a trajectory does not
+            depend on the batch it is in.
+        uncond: (1, L, D) embedding of the empty prompt, for guidance.
+    """
+    if len(generators) != len(prompts):
+        raise ValueError(f"generators must have one generator per prompt ({len(prompts)}), got {len(generators)}")
+    device = policy.device
+    cond = policy.encode(list(prompts)).to(device)
+    B = len(prompts)
+    x = randn((B, *policy.latent_shape), generators, device=device)
+    ts = policy.timesteps(num_steps)
+    model = guided(denoiser, guidance_scale, uncond, B)
+    out = sample(model, x, policy.schedule, ts, cond, eta=eta, generators=list(generators),
+                 keep_trajectory=True)
+    return Rollouts(prompts=list(prompts), cond=cond, timesteps=out.timesteps, latents=out.latents,
+                    log_probs=out.log_probs, images=policy.decode(out.sample).float())
+
+
+def per_prompt_advantages(rewards: torch.Tensor, prompts: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean_p) / (std_p + eps) within each prompt's group of samples; (B,).
+
+    A reward that every sample of a prompt shares gives advantage 0 to all of them (nothing to
+    learn from that group). Groups of one sample use the batch's mean and std instead.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    if rewards.shape[0] != len(prompts):
+        raise ValueError(f"rewards has {rewards.shape[0]} entries for {len(prompts)} prompts")
+    adv = torch.empty_like(rewards)
+    for p in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+        group = rewards[idx] if len(idx) > 1 else rewards
+        adv[idx] = (rewards[idx] - group.mean()) / (group.std(unbiased=False) + eps)
+    return adv
+
+
+def evaluate_transition(denoiser: Denoiser, policy, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
+                        x_prev: torch.Tensor, cond: torch.Tensor, *, eta: float = 1.0,
+                        guidance_scale: float = 1.0, uncond: torch.Tensor | None = None):
+    """Re-score the stored transition x_t -> x_prev under ``denoiser``.
+
+    Returns:
+        (step, eps): the core's StepOutput (``log_prob`` (B,), ``mean``, ``std``) with
+        ``prev_sample = x_prev``, and eps (B, C, h, w), the guided noise prediction.
+    """
+    B = x_t.shape[0]
+    model = guided(denoiser, guidance_scale, uncond, B)
+    pred = model(x_t, t.reshape(1).expand(B).to(x_t.device), cond)
+    step = ddim_step(pred, t, x_t, policy.schedule, prev_t, eta, prev_sample=x_prev)
+    eps, _ = policy.schedule.to_eps_x0(pred, x_t, t)
+    return step, eps
+
+
+def transition_kl(mean: torch.Tensor, mean_pre: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(mean_pre, std^2)) per sample, in nats; (B,). Dimensions with std = 0 give 0."""
+    std = std.expand_as(mean)
+    pos = std > 0
+    kl = (mean - mean_pre) ** 2 / (2 * torch.where(pos, std, torch.ones_like(std)) ** 2)
+    return torch.where(pos, kl, torch.zeros_like(kl)).flatten(1).sum(1)
+
+
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+             clip_range: float, adv_clip_max: float = float("inf")) -> tuple[torch.Tensor, dict]:
+    """PPO-clipped policy-gradient loss, mean over the batch (DDPO's, Black et al. 2023).
+
+    Args:
+        log_prob: (B,) under the current policy (with grad). old_log_prob: (B,) as sampled.
+        advantages: (B,), clipped to [-adv_clip_max, adv_clip_max].
+        clip_range: epsilon of the clip of the ratio rho to [1 - eps, 1 + eps].
+
+    Returns:
+        (loss, stats) with stats ``clipfrac`` (share of clipped ratios) and ``approx_kl``
+        (0.5 * mean (log rho)^2, a policy-change diagnostic).
+    """
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl": (0.5 * log_ratio**2).mean().item()}
+    return loss, stats

@@ -1,0 +1,258 @@
+"""The fine-tuning loop: rollouts, rewards, per-prompt advantages, PPO + KL updates, under accelerate.
+
+Run directory::
+
+    config.json          the resolved FinetuneConfig
+    metrics.jsonl        one JSON line per epoch (reward, KL, loss, ...)
+    checkpoints/         epoch-NNNNNN.pt: LoRA + optimizer + RNG + epoch (atomic, newest kept)
+    adapter.safetensors  the final adapter (diffusers LoRA format), unless an output path is given
+
+The same call works in one process or under ``accelerate launch`` (several processes / GPUs):
+each process draws its own prompts and noise (keyed on seed, epoch, process index), gradients
+are averaged by accelerate, and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import FinetuneConfig
+from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, transition_kl
+from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
+from .policy import DiffusionPolicy, unet_denoiser
+from .reward import RewardFn, resolve_reward
+
+__all__ = ["FinetuneResult", "finetune", "sample_generators"]
+
+
+@dataclass
+class FinetuneResult:
+    """adapter: path of the saved adapter; epochs: epochs done in total; metrics: this call's rows."""
+
+    adapter: Path
+    epochs: int
+    metrics: list[dict]
+
+
+def _key(*parts: int) -> int:
+    """A 63-bit seed from integers (a fixed mix, so keys do not depend on Python's hash seed)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + 0x7F4A7C15) % (2**63 - 1)
+    return h
+
+
+def sample_generators(seed: int, epoch: int, process: int, n: int) -> list[torch.Generator]:
+    """One generator per trajectory of (seed, epoch, process): its x_T and its step noise."""
+    return [torch.Generator().manual_seed(_key(seed, epoch, process, j)) for j in range(n)]
+
+
+def _draw_prompts(cfg: FinetuneConfig, epoch: int, process: int) -> list[str]:
+    g = torch.Generator().manual_seed(_key(cfg.seed, epoch, process, 10**9))
+    idx = torch.randint(len(cfg.prompts), (cfg.prompts_per_epoch,), generator=g).tolist()
+    return [cfg.prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+
+
+def _write_jsonl_prefix(path: Path, keep_epochs: int) -> None:
+    """Keep the metric rows of the first ``keep_epochs`` epochs (a resumed run redoes the others)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in rows if json.loads(ln).get("epoch", 0) < keep_epochs]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def load_policy(model: str | None, device: torch.device | str) -> DiffusionPolicy:
+    """The policy for ``model``: a diffusers pipeline folder, or None for the embedded digits model."""
+    if model is None:
+        from diffblend.zoo import load_default_pipeline  # the embedded default (zoo)
+
+        pipe = load_default_pipeline()
+    else:
+        if not Path(model).exists():
+            raise FileNotFoundError(f"model {model!r}: no such folder (pass a diffusers pipeline folder)")
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model)
+    return DiffusionPolicy.from_pipeline(pipe, device=device)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    run_dir: str | os.PathLike,
+    *,
+    policy: DiffusionPolicy | None = None,
+    reward_fn: RewardFn | None = None,
+    resume: bool = False,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+    accelerator=None,
+    stop_after: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune one LoRA adapter with DPOK for ``cfg.reward`` (a MORL oracle for a weighted reward).
+
+    Args:
+        cfg: the run's configuration.
+        run_dir: folder of config, metrics and checkpoints (created).
+        policy: the model; default :func:`load_policy` (cfg.model). Its UNet gets the adapter.
+        reward_fn: default ``resolve_reward(cfg.reward)`` (the ``diffblend.rewards`` registry).
+        resume: continue from the newest checkpoint in ``run_dir`` (the config must match, except
+            ``epochs``, which may grow). Without it, a run dir with checkpoints is refused.
+        output: path of the final adapter (.safetensors); default ``run_dir/adapter.safetensors``.
+        stop_after: stop after this many epochs of this call (for tests of a killed run).
+
+    Returns:
+        :class:`FinetuneResult`.
+    """
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+
+    start_epoch, state = 0, None
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        if last is not None:
+            state = load_checkpoint(last)
+            saved = dict(state["config"])
+            saved["epochs"] = cfg.epochs
+            if FinetuneConfig.from_dict(saved).to_dict() != cfg.to_dict():
+                diff = [k for k, v in cfg.to_dict().items() if saved.get(k) != v]
+                raise ValueError(f"--resume: the config differs from the checkpoint's in {diff}; "
+                                 f"use the same settings (only epochs may change) or a new run dir")
+            start_epoch = int(state["epoch"])
+    elif latest_checkpoint(ckpt_dir) is not None:
+        raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
+                         f"or choose a new run dir")
+
+    reward_fn = reward_fn or resolve_reward(cfg.reward)  # before the model: fail fast on a bad name
+    policy = policy or load_policy(cfg.model, acc.device)
+    unet = policy.unet.to(acc.device)
+    add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
+    params = lora_parameters(unet)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    train_gen = torch.Generator().manual_seed(_key(cfg.seed, 11))  # shuffles and timestep subsets
+    if state is not None:
+        set_lora_state_dict(unet, state["lora"])
+        opt.load_state_dict(state["optimizer"])
+        train_gen.set_state(state["rng"])
+    ddp_unet, opt = acc.prepare(unet, opt)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        _write_jsonl_prefix(run_dir / "metrics.jsonl", start_epoch)
+
+    plain_model = unet_denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
+    uncond = policy.encode([""]).to(acc.device) if cfg.guidance_scale != 1.0 else None
+    n_train = max(1, int(round(cfg.timestep_fraction * cfg.num_steps)))
+    g_kw = dict(eta=cfg.eta, guidance_scale=cfg.guidance_scale, uncond=uncond)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"finetune {cfg.reward}",
+               disable=not (progress and main), dynamic_ncols=True)
+    rows: list[dict] = []
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.perf_counter()
+        # 1. rollouts with the current policy (eta = 1: every transition has a log-prob)
+        unet.eval()
+        prompts = _draw_prompts(cfg, epoch, acc.process_index)
+        gens = sample_generators(cfg.seed, epoch, acc.process_index, len(prompts))
+        ro = rollout(plain_model, policy, prompts, gens, num_steps=cfg.num_steps, **g_kw)
+        # 2. rewards and per-prompt advantages
+        with torch.no_grad():
+            rewards, info = reward_fn(ro.images, prompts, {"epoch": epoch})
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+        adv = per_prompt_advantages(rewards, prompts).to(acc.device)
+        # 3. policy updates on the stored transitions
+        unet.train()
+        stats = _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, train_gen, n_train, g_kw)
+        # 4. log, checkpoint
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        row = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+               **{k: acc.gather(torch.tensor([v], device=acc.device)).mean().item() for k, v in stats.items()},
+               "seconds": time.perf_counter() - t0}
+        for k, v in (info or {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() == rewards.numel():
+                row[f"{k}_mean"] = acc.gather(v.float().reshape(-1).to(acc.device)).mean().item()
+        rows.append(row)
+        done = epoch + 1
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or done == end_epoch:
+                save_checkpoint(ckpt_dir, done, {"lora": lora_state_dict(unet), "optimizer": opt.state_dict(),
+                                                 "rng": train_gen.get_state(), "config": cfg.to_dict()})
+                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
+    bar.close()
+
+    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
+    if main and end_epoch == cfg.epochs:
+        save_lora(unet, out)
+    acc.wait_for_everyone()
+    return FinetuneResult(adapter=out, epochs=end_epoch, metrics=rows)
+
+
+def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train, g_kw) -> dict:
+    """One epoch of updates: inner_epochs passes of minibatches; per minibatch, the loss summed over
+    ``n_train`` random transitions of each trajectory, one AdamW step with gradient clipping.
+
+    Returns the epoch's means: loss, pg (policy-gradient part), kl_eps (sum_d (eps_theta - eps_pre)^2
+    per step), kl (the path KL estimate sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) in nats per
+    trajectory), clipfrac, approx_kl, grad_norm.
+    """
+    B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
+    ts = ro.timesteps
+    train_model, plain_model = unet_denoiser(ddp_unet), unet_denoiser(unet)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def add(k: str, v: float) -> None:
+        sums[k] = sums.get(k, 0.0) + float(v)
+        counts[k] = counts.get(k, 0) + 1
+
+    for _ in range(cfg.inner_epochs):
+        perm = torch.randperm(B, generator=gen)
+        for start in range(0, B, cfg.minibatch_size):
+            rows = perm[start:start + cfg.minibatch_size].to(ro.cond.device)
+            steps = torch.randperm(N, generator=gen)[:n_train].tolist()
+            for k, i in enumerate(steps):
+                t = ts[i]
+                prev_t = ts[i + 1] if i + 1 < N else torch.tensor(-1)
+                x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
+                cond = ro.cond[rows]
+                with torch.no_grad(), base_model(unet):
+                    pre, eps_pre = evaluate_transition(plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
+                # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
+                sync = contextlib.nullcontext() if k == len(steps) - 1 else acc.no_sync(ddp_unet)
+                with sync:
+                    cur, eps = evaluate_transition(train_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
+                    pg, st = ppo_loss(cur.log_prob, ro.log_probs[i][rows], adv[rows], cfg.clip_range,
+                                      cfg.adv_clip_max)
+                    kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
+                    loss = pg + cfg.kl * kl_eps
+                    acc.backward(loss / len(steps))
+                add("loss", loss.item()); add("pg", pg.item()); add("kl_eps", kl_eps.item())  # noqa: E702
+                add("kl", transition_kl(cur.mean.detach(), pre.mean, cur.std).mean().item() * N)
+                add("clipfrac", st["clipfrac"]); add("approx_kl", st["approx_kl"])  # noqa: E702
+            add("grad_norm", acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {k: v / counts[k] for k, v in sums.items()}
