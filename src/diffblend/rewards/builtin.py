@@ -1,0 +1,128 @@
+"""The built-in rewards: ``jpeg_compressibility``, ``legibility``, ``boldness``.
+
+Each factory returns ``fn(images, prompts, metadata) -> (scores, info)`` with images (B, C, H, W)
+float in [0, 1] and scores (B,) float32 on the images' device, higher is better.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .registry import register_reward
+
+__all__ = ["jpeg_compressibility", "legibility", "boldness", "digits_from"]
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+@register_reward(
+    "jpeg_compressibility",
+    "minus the JPEG size in kB (quality 95, after a 4x bilinear upscale): <= 0, higher = more compressible",
+    aliases=("compressibility",),
+)
+def jpeg_compressibility(device: str | torch.device = "cpu", quality: int = 95, upscale: int = 4) -> Any:
+    """DDPO's compressibility reward: ``-size_kB`` of each image saved as a JPEG.
+
+    Range (-inf, 0], higher = more compressible. As in DDPO, quality 95 and 1 kB = 1000 bytes.
+    The 16x16 digits are first upscaled ``upscale`` times (bilinear, what a viewer would show):
+    at 16x16 the file is mostly its fixed header (about 0.33 kB for a grey image), so the size of
+    the picture's content would be a small part of the score. Grey images (C = 1) are saved as
+    8-bit grey JPEGs, C = 3 as RGB. Not differentiable.
+    """
+    from PIL import Image
+
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if int(upscale) < 1:
+        raise ValueError(f"upscale must be >= 1, got {upscale}")
+
+    def fn(images: torch.Tensor, prompts: Sequence[str] = (), metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        x = images.detach().float()
+        if upscale > 1:
+            x = torch.nn.functional.interpolate(x, scale_factor=int(upscale), mode="bilinear", align_corners=False)
+        arr = _to_uint8(x).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+        sizes = []
+        for a in arr:
+            img = Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a, mode="RGB")
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(quality))
+            sizes.append(buf.tell() / 1000.0)
+        kb = torch.tensor(sizes, dtype=torch.float32, device=images.device)
+        return -kb, {"jpeg_kb": kb}
+
+    return fn
+
+
+@register_reward("boldness", "mean ink intensity (stroke mass) in [0, 1]: higher = bolder strokes")
+def boldness(device: str | torch.device = "cpu") -> Any:
+    """Ink mass: the mean pixel value of the (grey) image, in [0, 1], higher = bolder.
+
+    With the digits' convention (ink = 1 on a black background) this is the share of the canvas
+    covered by ink. RGB images are averaged over channels. Differentiable.
+    """
+
+    def fn(images: torch.Tensor, prompts: Sequence[str] = (), metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+        return images.float().clamp(0, 1).mean(dim=(1, 2, 3)), {}
+
+    return fn
+
+
+def digits_from(prompts: Sequence[str], metadata: Any, batch: int) -> torch.Tensor:
+    """(B,) the digit each image should show: ``metadata[i]["digit"]`` if given, else parsed from the prompt."""
+    from ..zoo.data import parse_digit
+
+    if isinstance(metadata, dict):
+        metadata = [metadata] * batch
+    out = []
+    for i in range(batch):
+        meta = metadata[i] if metadata is not None and i < len(metadata) and metadata[i] else {}
+        if "digit" in meta:
+            out.append(int(meta["digit"]))
+        elif prompts is not None and i < len(prompts):
+            out.append(parse_digit(prompts[i]))
+        else:
+            raise ValueError(f"legibility needs a prompt or metadata['digit'] for image {i}")
+    d = torch.tensor(out, dtype=torch.long)
+    if ((d < 0) | (d > 9)).any():
+        raise ValueError(f"digits must be in 0..9, got {d.tolist()}")
+    return d
+
+
+@register_reward(
+    "legibility",
+    "log-probability of the prompted digit under the shipped digit classifier: <= 0, higher = more legible",
+)
+def legibility(device: str | torch.device = "cpu", path: str | None = None) -> Any:
+    """``log p(digit | image)`` under the project's digit classifier (``zoo.classifier``).
+
+    The analogue of prompt alignment for the digits model. Range (-inf, 0], higher = more legible
+    (0 = certain). The digit comes from ``metadata["digit"]`` or from the prompt (``"7"``,
+    ``"a digit seven"``...). ``path``: a classifier folder (default: the shipped one). Differentiable.
+    ``info``: ``prob`` (p of the prompted digit) and ``correct`` (argmax == digit).
+    """
+    from ..zoo.classifier import load_classifier
+
+    clf = load_classifier(path, device=device)
+    dev = next(clf.parameters()).device
+
+    def fn(images: torch.Tensor, prompts: Sequence[str] = (), metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+        digits = digits_from(prompts, metadata, images.shape[0]).to(dev)
+        logp = torch.log_softmax(clf(images.float().to(dev)), dim=1)
+        score = logp.gather(1, digits[:, None])[:, 0]
+        info = {"prob": score.exp().detach().to(images.device),
+                "correct": (logp.argmax(1) == digits).float().to(images.device)}
+        return score.to(images.device), info
+
+    return fn

@@ -1,0 +1,181 @@
+"""The reward registry: names -> small factories that build ``fn(images, prompts, metadata) -> (scores, info)``.
+
+Contract of a reward function (the DDPO convention):
+    images:   (B, C, H, W) float tensor in [0, 1] (C = 1 grey ink or 3 RGB), on any device.
+    prompts:  B strings.
+    metadata: None, one dict for all, or B dicts (e.g. ``{"digit": 7}``).
+    returns:  scores (B,) float32 tensor on the images' device, higher is better, and an ``info``
+              dict of extra (B,) tensors or numbers for logging.
+
+A factory ``factory(device="cpu", **options) -> fn`` does its heavy imports and loading inside, so
+importing this module is cheap. New rewards join with :func:`register_reward`; a reward model kept
+in a local folder joins by holding a ``reward.json`` (``{"factory": NAME, "options": {...}}``): the
+folder's path then works wherever a name does, and the factory receives ``path=<folder>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RewardFn = Callable[[torch.Tensor, Sequence[str], Any], "tuple[torch.Tensor, dict]"]
+
+__all__ = ["RewardFn", "RewardSpec", "UnknownRewardError", "register_reward", "available_rewards", "get_reward",
+           "reward_info", "parse_reward_weights", "weighted_reward", "canonical_name"]
+
+
+class UnknownRewardError(KeyError, ValueError):
+    """A reward name that is not registered (a KeyError for registries, a ValueError for users)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A registered reward: its factory and what it measures (range and direction, for --help)."""
+
+    name: str
+    factory: Callable[..., RewardFn]
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, RewardSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_reward(name: str, description: str, aliases: Sequence[str] = ()) -> Callable:
+    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``)."""
+
+    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        for n in (name, *aliases):
+            if n in _REGISTRY or n in _ALIASES:
+                raise ValueError(f"reward name {n!r} is already registered")
+            if not n or any(c in n for c in "=,") :
+                raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
+        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases))
+        for a in aliases:
+            _ALIASES[a] = name
+        return factory
+
+    return deco
+
+
+def _ensure_builtins() -> None:
+    from . import builtin  # noqa: F401  (registers the built-in rewards on import)
+
+
+def available_rewards() -> list[str]:
+    """The canonical names of the registered rewards, sorted."""
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def reward_info() -> dict[str, str]:
+    """``{name: description}`` for every registered reward (aliases noted in the description)."""
+    _ensure_builtins()
+    return {n: s.description + (f" (alias: {', '.join(s.aliases)})" if s.aliases else "")
+            for n, s in sorted(_REGISTRY.items())}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` or one of its aliases.
+
+    Raises:
+        UnknownRewardError: listing the allowed names.
+    """
+    _ensure_builtins()
+    name = str(name).strip()
+    if name in _REGISTRY:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    allowed = ", ".join(sorted(_REGISTRY) + sorted(_ALIASES))
+    raise UnknownRewardError(f"unknown reward {name!r}; allowed: {allowed} (or a folder with a reward.json)")
+
+
+def parse_reward_weights(text: str) -> dict[str, float]:
+    """``"jpeg_compressibility=0.5,legibility=0.5"`` -> ``{"jpeg_compressibility": 0.5, "legibility": 0.5}``.
+
+    Names are canonicalised (aliases resolved) and must be registered; weights must be finite and
+    >= 0 with a positive sum (they are not renormalised: r(w) = sum_i w_i r_i as written).
+
+    Raises:
+        ValueError / UnknownRewardError: naming the malformed item.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("reward weights are empty; expected NAME=W[,NAME=W...], e.g. jpeg_compressibility=0.5,legibility=0.5")
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"reward weights item {item!r} is malformed; expected NAME=W, e.g. legibility=0.5")
+        key = canonical_name(name)
+        if key in out:
+            raise ValueError(f"reward weights name {key!r} twice")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"reward weights item {item!r}: {value.strip()!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"reward weights item {item!r}: the weight must be finite and >= 0")
+        out[key] = w
+    if sum(out.values()) <= 0:
+        raise ValueError(f"reward weights {text!r} must have a positive sum")
+    return out
+
+
+def weighted_reward(weights: Mapping[str, float], device: str | torch.device = "cpu",
+                    options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
+    """r(w) = sum_i w_i r_i (the MORL oracle's reward). ``info["components"][name]`` holds each r_i (B,)."""
+    if not weights:
+        raise ValueError("weights must name at least one reward")
+    options = options or {}
+    parts = {name: (float(w), get_reward(name, device=device, **options.get(name, {}))) for name, w in weights.items()}
+
+    def fn(images: torch.Tensor, prompts: Sequence[str], metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
+        components = {}
+        for name, (w, r) in parts.items():
+            s, _ = r(images, prompts, metadata)
+            components[name] = s
+            total = total + w * s
+        return total, {"components": components, "weights": {n: w for n, (w, _) in parts.items()}}
+
+    return fn
+
+
+def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) -> RewardFn:
+    """Build a reward function.
+
+    Args:
+        name: a registered name or alias (see :func:`available_rewards`), a weighted sum written
+            ``"name=w,other=w"``, or a folder holding a ``reward.json``.
+        device: where the reward's model (if any) runs; images may come on any device.
+        options: passed to the factory.
+
+    Raises:
+        UnknownRewardError: for an unknown name, listing the allowed ones.
+        ValueError: for a malformed weighted spec.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"reward name must be a string, got {type(name).__name__}")
+    if "=" in name or "," in name:
+        return weighted_reward(parse_reward_weights(name), device=device)
+    if os.sep in name or name.startswith("."):
+        folder = Path(name)
+        spec_file = folder / "reward.json"
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"reward folder {folder} has no reward.json")
+        spec = json.loads(spec_file.read_text())
+        factory = _REGISTRY[canonical_name(spec["factory"])].factory
+        return factory(device=device, path=str(folder), **{**spec.get("options", {}), **options})
+    return _REGISTRY[canonical_name(name)].factory(device=device, **options)

@@ -1,0 +1,244 @@
+"""Train the default model (``DigitsPipeline``) on the digits: the library behind ``diffblend train-base``.
+
+Standard epsilon-prediction DDPM training (Ho et al. 2020, Alg. 1) of the UNet and the tiny text
+encoder together, from scratch: x0 a digit in [-1, 1], prompt a random template for its label
+(``zoo.data.TEMPLATES``), replaced by the empty prompt with probability ``prompt_dropout`` so that
+the same model gives the unconditional prediction of classifier-free guidance (Ho & Salimans 2022).
+The shipped weights are an exponential moving average of the trained ones.
+
+A run directory holds ``config.json`` (resolved), ``metrics.jsonl`` (one JSON line per log step),
+``checkpoint.pt`` (weights, EMA, optimizer, schedule, RNG and step; resumable), ``pipeline/``
+(``save_pretrained`` safetensors of the EMA model, loadable with ``DigitsPipeline.from_pretrained``)
+and ``eval.json`` (sample quality: classifier accuracy on generated digits per prompted digit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_write, atomic_write_json
+from .data import TEMPLATES, load_split, prompt_for
+
+__all__ = ["TrainBaseConfig", "train_base", "sample_quality", "training_batch", "diffusion_loss"]
+
+
+@dataclass
+class TrainBaseConfig:
+    """Everything that defines a ``train-base`` run (written to ``config.json``)."""
+
+    steps: int = 700  # optimizer steps (batches)
+    batch_size: int = 64  # images per step
+    lr: float = 1e-3  # peak AdamW learning rate (UNet and text encoder)
+    warmup_steps: int = 50  # linear warm-up steps, then cosine decay to 10 % of lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    prompt_dropout: float = 0.1  # probability that a training prompt is replaced by "" (for CFG)
+    ema_decay: float = 0.995  # EMA of the weights (half-life ~140 steps); the EMA is what ships
+    channels: tuple[int, ...] = (32, 32, 32)  # UNet block_out_channels (16x16, 8x8, 4x4)
+    seed: int = 0  # seeds initialisation, batches, timesteps, noise, dropout and evaluation
+    log_every: int = 25  # steps between metrics.jsonl lines
+    checkpoint_every: int = 100  # steps between checkpoint.pt writes (and always at the end)
+    eval_per_digit: int = 20  # generated images per digit for the quality metric (0 = skip)
+    eval_steps: int = 20  # DDIM steps when evaluating
+    eval_guidance: float = 2.0  # CFG scale when evaluating
+    eval_eta: float = 1.0  # DDIM eta when evaluating (1 = the stochastic sampler of the paper)
+    train_images: int = 0  # use only the first N training images (0 = all 1347; tests use a few)
+    extra: dict = field(default_factory=dict)  # free-form notes carried into config.json
+
+
+def training_batch(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, cfg: TrainBaseConfig,
+                   g: torch.Generator, num_train_timesteps: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """One batch: x0 (B, 1, H, W) in [-1, 1], prompts (B,), timesteps (B,), noise (B, 1, H, W)."""
+    x0 = x[idx] * 2 - 1
+    B = len(idx)
+    tmpl = torch.randint(0, len(TEMPLATES), (B,), generator=g)
+    drop = torch.rand(B, generator=g) < cfg.prompt_dropout
+    prompts = ["" if d else prompt_for(int(c), int(k)) for c, k, d in zip(y[idx], tmpl, drop)]
+    t = torch.randint(0, num_train_timesteps, (B,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return x0, prompts, t, noise
+
+
+def diffusion_loss(pipe: Any, x0: torch.Tensor, prompts: list[str], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MSE between the true noise and the UNet's epsilon prediction at x_t = q(x_t | x0) (scalar)."""
+    device = pipe.unet.device
+    x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+    x_t = pipe.scheduler.add_noise(x0, noise, t)
+    emb, _ = pipe.encode_prompt(prompts, device, 1, False)
+    pred = pipe.unet(x_t, t, encoder_hidden_states=emb, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred, noise)
+
+
+def _lr_factor(step: int, cfg: TrainBaseConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.no_grad()
+def sample_quality(pipe: Any, per_digit: int = 20, steps: int = 20, guidance_scale: float = 2.0, eta: float = 1.0,
+                   seed: int = 0, classifier: Any = None, batch_size: int = 100, progress: bool = False) -> dict:
+    """Accuracy of the digit classifier on generated images, per prompted digit and overall.
+
+    Image j of digit d is prompted with template j mod 5 (``"7"``, ``"a digit 7"``, ``"seven"``...)
+    and drawn from its own generator seeded ``seed * 100_000 + d * 1000 + j``.
+
+    Returns:
+        ``{"accuracy": float, "per_digit": [10 floats], "mean_log_prob": float, "images": int, ...}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .classifier import load_classifier
+
+    clf = classifier if classifier is not None else load_classifier(device=pipe.device)
+    jobs = [(d, j) for d in range(10) for j in range(per_digit)]
+    correct = torch.zeros(10)
+    logp_sum = 0.0
+    for i in tqdm(range(0, len(jobs), batch_size), desc="sample quality", disable=not progress, leave=False):
+        chunk = jobs[i:i + batch_size]
+        prompts = [prompt_for(d, j) for d, j in chunk]
+        gens = [torch.Generator().manual_seed(seed * 100_000 + d * 1000 + j) for d, j in chunk]
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, eta=eta,
+                      generator=gens, output_type="pt").images
+        labels = torch.tensor([d for d, _ in chunk])
+        logp = torch.log_softmax(clf(images.to(next(clf.parameters()).device)).cpu(), 1)
+        correct += torch.bincount(labels[logp.argmax(1) == labels], minlength=10).float()
+        logp_sum += float(logp.gather(1, labels[:, None]).sum())
+    per_digit_acc = (correct / per_digit).tolist()
+    return {"accuracy": float(correct.sum()) / len(jobs), "per_digit": per_digit_acc,
+            "mean_log_prob": logp_sum / len(jobs), "images": len(jobs), "steps": steps,
+            "guidance_scale": guidance_scale, "eta": eta, "seed": seed}
+
+
+def _save_checkpoint(path: Path, pipe: Any, ema: dict, opt: Any, step: int, g: torch.Generator) -> None:
+    state = {
+        "step": step,
+        "unet": pipe.unet.state_dict(),
+        "text_encoder": pipe.text_encoder.state_dict(),
+        "ema": ema,
+        "optimizer": opt.state_dict(),
+        "generator": g.get_state(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _params(pipe: Any) -> dict[str, torch.nn.Parameter]:
+    named = {f"unet.{k}": p for k, p in pipe.unet.named_parameters()}
+    named.update({f"text_encoder.{k}": p for k, p in pipe.text_encoder.named_parameters()})
+    return named
+
+
+def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+               device: str | torch.device = "cpu") -> dict:
+    """Train a ``DigitsPipeline`` from scratch (or resume); write the run directory; return a summary.
+
+    Args:
+        cfg: the run's settings.
+        run_dir: output folder (created). With ``resume``, continues from its ``checkpoint.pt``.
+        progress: show a tqdm bar with the loss.
+
+    Returns:
+        ``{"final_loss": ..., "first_loss": ..., "train_seconds": ..., "eval": {...} or None, ...}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .model import build_pipeline
+
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if not 0.0 <= cfg.prompt_dropout < 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1), got {cfg.prompt_dropout}")
+    run = Path(run_dir)
+    ckpt_path = run / "checkpoint.pt"
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
+    if not resume and (ckpt_path.exists() or (run / "metrics.jsonl").exists()):
+        raise ValueError(f"run directory {run} already holds a run; pass --resume or choose another directory")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", asdict(cfg))
+
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    named = _params(pipe)
+    opt = torch.optim.AdamW(named.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ema = {k: p.detach().clone() for k, p in named.items()}
+    step = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        pipe.unet.load_state_dict(state["unet"])
+        pipe.text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema = state["ema"]
+        g.set_state(state["generator"])
+        step = int(state["step"])
+
+    x, y = load_split("train")
+    if cfg.train_images:
+        x, y = x[:cfg.train_images], y[:cfg.train_images]
+    T = pipe.scheduler.config.num_train_timesteps
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    losses: list[float] = []
+    first_loss = None
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-base", disable=not progress)
+    with open(run / "metrics.jsonl", "a") as log:
+        while step < cfg.steps:
+            # the batch is a function of the generator's state only, so a resumed run continues
+            # the exact stream of an uninterrupted one
+            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
+            x0, prompts, t, noise = training_batch(x, y, idx, cfg, g, T)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, cfg)
+            loss = diffusion_loss(pipe, x0, prompts, t, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
+            opt.step()
+            step += 1
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
+            with torch.no_grad():
+                for k, p in named.items():
+                    ema[k].lerp_(p.detach(), 1 - decay)
+            losses.append(float(loss.detach()))
+            first_loss = losses[0] if first_loss is None else first_loss
+            bar.update()
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.4f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write(json.dumps({"step": step, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
+                                      "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                                      "seconds": round(time.time() - t0, 2)}) + "\n")
+                log.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(ckpt_path, pipe, ema, opt, step, g)
+    bar.close()
+    train_seconds = time.time() - t0
+
+    # the EMA weights are the model that ships
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(ema[k])
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    out_dir = run / "pipeline"
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    summary: dict[str, Any] = {"steps": step, "train_seconds": round(train_seconds, 1),
+                               "first_loss": first_loss, "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:])),
+                               "pipeline": str(out_dir), "eval": None}
+    if cfg.eval_per_digit > 0:
+        t1 = time.time()
+        summary["eval"] = sample_quality(pipe, cfg.eval_per_digit, cfg.eval_steps, cfg.eval_guidance, cfg.eval_eta,
+                                         seed=cfg.seed, progress=progress)
+        summary["eval"]["seconds"] = round(time.time() - t1, 1)
+        atomic_write_json(run / "eval.json", summary["eval"])
+    atomic_write_json(run / "summary.json", summary)
+    return summary
