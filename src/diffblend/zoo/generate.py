@@ -1,0 +1,163 @@
+"""Generation helpers behind ``diffblend generate`` / ``diffblend demo``: load a blendable pipeline,
+generate with a blend, score with the rewards, and draw image grids.
+
+Blending itself is :class:`diffblend.pipeline.BlendPipeline`; nothing here combines predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_weight_names", "generate",
+           "score_images", "image_grid", "save_png"]
+
+
+def shipped_adapters() -> dict[str, Path]:
+    """``{name: file}`` of the adapters shipped in ``zoo/adapters`` (empty if none yet).
+
+    Names come from ``zoo/adapters/manifest.json`` (``{"adapters": {name: file}}``) when it exists,
+    otherwise from the file names (``legibility.safetensors`` -> ``legibility``).
+    """
+    from importlib import resources
+
+    folder = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
+    if not folder.is_dir():
+        return {}
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        entries = json.loads(manifest.read_text()).get("adapters", {})
+        out = {}
+        for name, entry in entries.items():
+            file = entry if isinstance(entry, str) else entry.get("file")
+            if file and (folder / file).is_file():
+                out[name] = folder / file
+        return out
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+
+
+def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") -> Any:
+    """The embedded default (``model=None``) or a diffusers pipeline folder (our ``DigitsPipeline`` too)."""
+    from . import load_default_pipeline
+
+    if model is None:
+        return load_default_pipeline(device=device)
+    path = Path(model)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        cls_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if cls_name == "DigitsPipeline":  # not a diffusers class: load it with ours
+            from .pipeline import DigitsPipeline
+
+            pipe = DigitsPipeline.from_pretrained(str(path))
+            pipe.set_progress_bar_config(disable=True)
+            return pipe.to(device)
+    elif path.exists() or model.startswith((".", "/")):
+        raise FileNotFoundError(f"--model {model!r}: not a diffusers pipeline folder (no model_index.json)")
+    from diffusers import DiffusionPipeline  # a folder or a hub id (the hub needs network access)
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_blend_pipeline(model: str | None = None, adapters: Mapping[str, str | Path] | None = None,
+                        device: str | torch.device = "cpu", mode: str = "auto") -> Any:
+    """A :class:`~diffblend.pipeline.BlendPipeline` over :func:`load_pipeline` with ``adapters``.
+
+    With ``model=None`` and no ``adapters``, the shipped adapters of the default model are loaded.
+    """
+    from ..pipeline import BlendPipeline
+
+    pipe = load_pipeline(model, device)
+    if adapters is None:
+        adapters = shipped_adapters() if model is None else {}
+    return BlendPipeline(pipe, adapters=dict(adapters), mode=mode)
+
+
+def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[str]) -> dict[str, float]:
+    """Map weight names to adapter names: exact names first, then reward aliases (``compressibility`` ->
+    ``jpeg_compressibility``), so ``--weights`` may use either.
+
+    Raises:
+        ValueError: naming the unknown name and the adapters available.
+    """
+    from ..rewards import canonical_name
+
+    out: dict[str, float] = {}
+    for name, w in weights.items():
+        target = name
+        if name not in adapter_names:
+            try:
+                target = canonical_name(name)
+            except KeyError:
+                target = name
+        if target not in adapter_names:
+            avail = ", ".join(adapter_names) if adapter_names else "none (pass --adapter NAME=PATH)"
+            raise ValueError(f"--weights names {name!r}, which is not a loaded adapter; adapters: {avail}")
+        if target in out:
+            raise ValueError(f"--weights names adapter {target!r} twice")
+        out[target] = float(w)
+    return out
+
+
+def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | None, *, kl_strength: float = 1.0,
+             method: str = "mpa", seed: int = 0, num_inference_steps: int = 20, guidance_scale: float = 2.0,
+             eta: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """Images (B, C, H, W) in [0, 1] for ``prompts`` under a blend.
+
+    Image j is drawn from its own ``torch.Generator`` seeded ``seed + j``, and LS draws use
+    ``blend_seed = seed``, so a sweep over weights with the same seed reuses the same noise
+    (paired comparisons). ``weights=None`` is the base model.
+    """
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(len(prompts))]
+    out = bp(prompt=list(prompts), weights=None if weights is None else dict(weights), kl_strength=kl_strength,
+             method=method, blend_seed=seed, normalize=normalize, num_inference_steps=num_inference_steps,
+             guidance_scale=guidance_scale, eta=eta, generator=gens, output_type="pt")
+    images = out.images if hasattr(out, "images") else out[0]
+    if not isinstance(images, torch.Tensor):  # a pipeline that ignores output_type="pt"
+        import numpy as np
+
+        images = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
+        images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.float().cpu()
+
+
+def score_images(images: torch.Tensor, prompts: Sequence[str], names: Sequence[str],
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """``{reward name: scores (B,)}`` for each registered reward in ``names``."""
+    from ..rewards import get_reward
+
+    return {n: get_reward(n, device=device)(images, list(prompts), None)[0].cpu() for n in names}
+
+
+def image_grid(images: torch.Tensor, ncols: int, scale: int = 4, pad: int = 1) -> torch.Tensor:
+    """Tile (B, C, H, W) images in [0, 1] into one (C, H', W') image, row-major, ``scale``x nearest upscaling."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (B, C, H, W) tensor, got {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    x = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    rows = (B + ncols - 1) // ncols
+    h, w = H * scale + pad, W * scale + pad
+    grid = torch.full((C, rows * h + pad, ncols * w + pad), 0.5)  # grey separators
+    for i in range(B):
+        r, c = divmod(i, ncols)
+        grid[:, pad + r * h: pad + r * h + H * scale, pad + c * w: pad + c * w + W * scale] = x[i]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a (C, H, W) image in [0, 1] as a PNG, atomically."""
+    import numpy as np
+    from PIL import Image
+
+    from ._io import atomic_write
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(np.ascontiguousarray(arr))
+    path = Path(path)
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    return path
