@@ -82,9 +82,11 @@ def _reward_grad(score_fn: ScoreFn, decode: Callable, schedule: NoiseSchedule, p
         scores = score_fn(decode(x0_hat))
         if scores.shape != (x.shape[0],):
             raise ValueError(f"score_fn must return shape ({x.shape[0]},), got {tuple(scores.shape)}")
+        if not scores.requires_grad:  # no differentiable term (e.g. all its weight on JPEG size)
+            return torch.zeros_like(x)
         (g,) = torch.autograd.grad(scores.sum(), x)  # samples are independent: sum gives each its own
     g = torch.nan_to_num(g)
-    if grad_norm == "rms":
+    if grad_norm == "rms":  # a zero gradient stays zero (rms clamped away from 0)
         rms = g.flatten(1).pow(2).mean(1).sqrt().clamp(min=1e-12)
         g = g / rms.view(-1, *([1] * (g.dim() - 1)))
     return g

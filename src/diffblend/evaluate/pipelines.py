@@ -1,0 +1,173 @@
+"""The methods registry over a diffusers pipeline with one LoRA adapter per reward.
+
+:class:`DiffusersBackend` runs every method on the pipeline's own denoiser through the blending
+layer of :mod:`diffblend.pipeline` (``BlendPipeline.denoiser``), in the core's DDIM sampler:
+
+- adapter i is named after its reward r_i (weights of a setting are over reward names, and the
+  analysis scores r(w) with the same names);
+- the MORL oracles are more adapters on the same base, one per w, run as a one-hot blend;
+- Rewarded Soup is the blending layer's ``soup`` method (delta-W = sum_i w_i B_i A_i);
+- classifier-free guidance: each model's prediction is guided (uncond and cond rows in one call),
+  then blended (guidance is linear, so that equals guiding the blend);
+- images: ``vae.decode`` for latent pipelines, (x + 1) / 2 for pixel pipelines (the digits model),
+  clamped to [0, 1]; this map is differentiable, so RGG back-propagates through it (its cost is
+  counted in the seconds).
+
+Any pipeline with SD's ``encode_prompt(prompt, device, n, do_cfg) -> (embeds, negative_embeds)``
+and a ``unet`` works (SD 1.5, the embedded digits model); SDXL's extra conditioning is not wired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.blend import Blend
+from ..core.sampling import NoiseSchedule
+from .methods import Backend
+from .records import setting_key
+
+__all__ = ["DiffusersBackend", "oracle_adapter_name"]
+
+
+def oracle_adapter_name(weights: Mapping[str, float]) -> str:
+    """The adapter name under which the MORL oracle for w is loaded, e.g. ``morl[a=0.5,b=0.5]``."""
+    return "morl[" + setting_key("morl", weights, None).split("|")[1] + "]"
+
+
+class DiffusersBackend(Backend):
+    """A diffusers pipeline + per-reward adapters + rewards, as a :class:`~.methods.Backend`.
+
+    Args:
+        pipe: the pipeline (its ``unet`` is the shared base), or a ``BlendPipeline``.
+        adapters: ``{reward name: LoRA path}``, one adapter per reward (already-loaded adapters
+            with those names are used as they are).
+        rewards: ``{name: fn(images, prompts, metadata) -> (scores, info)}`` scored on every image;
+            or a list of names for ``diffblend.rewards.get_reward``.
+        oracles: ``[(w, path)]`` MORL oracle adapters, one per w.
+        num_steps: DDIM steps; guidance_scale: CFG scale (<= 1 turns CFG off).
+        non_differentiable: what RGG does with a reward that has no gradient: "error" (refuse) or
+            "skip" (guide with the differentiable terms of r(w) only; say so in any report).
+        mode: the blending layer's execution mode ("auto", "batched", "sequential").
+    """
+
+    def __init__(self, pipe: Any, adapters: Mapping[str, str | Path] | None = None,
+                 rewards: Mapping[str, Any] | Sequence[str] = (), *,
+                 oracles: Sequence[tuple[Mapping[str, float], str | Path]] = (), num_steps: int = 20,
+                 guidance_scale: float = 2.0, non_differentiable: str = "error", mode: str = "auto",
+                 device: str | torch.device | None = None) -> None:
+        from ..pipeline import BlendPipeline
+
+        if non_differentiable not in ("error", "skip"):
+            raise ValueError(f"non_differentiable must be 'error' or 'skip', got {non_differentiable!r}")
+        self.bp = pipe if isinstance(pipe, BlendPipeline) else BlendPipeline(pipe, mode=mode)
+        self.pipe = self.bp.pipe
+        loaded = set(self.bp.adapter_names)
+        for name, path in (adapters or {}).items():
+            if name not in loaded:
+                self.bp.load_adapter(name, path)
+        self._oracles: dict[str, str] = {}
+        for w, path in oracles:
+            name = oracle_adapter_name(w)
+            if name not in loaded:
+                self.bp.load_adapter(name, path)
+            self._oracles[setting_key("morl", w, None)] = name
+        oracle_names = set(self._oracles.values())
+        self.adapter_names = tuple(n for n in self.bp.adapter_names if n not in oracle_names)
+        if not isinstance(rewards, Mapping):
+            from ..rewards import get_reward
+
+            rewards = {n: get_reward(n, device=str(device or "cpu")) for n in rewards}
+        self.rewards = dict(rewards)
+        self.reward_names = tuple(self.rewards)
+        self.non_differentiable = non_differentiable
+        self.guidance_scale = float(guidance_scale)
+        unet = self.bp.model
+        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.dtype = next(unet.parameters()).dtype
+        sched = self.pipe.scheduler
+        sched.set_timesteps(num_steps)
+        self.timesteps = sched.timesteps.clone().cpu().long()
+        self.schedule = NoiseSchedule.from_scheduler(sched)
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+        self._grad_ok: dict[str, bool] = {}
+
+    # -- conditioning and models ------------------------------------------------------------------
+    @property
+    def _cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            c, u = self.pipe.encode_prompt(list(prompts), self.device, 1, self._cfg)
+        return {"c": c, "u": u} if self._cfg else {"c": c}
+
+    def denoiser(self, blend: Blend | None):
+        inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1)
+        s = self.guidance_scale
+
+        def guided(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            if not self._cfg:
+                return inner(x, t, cond["c"])
+            tt = torch.cat([t, t]) if t.dim() else t
+            pred_u, pred_c = inner(torch.cat([x, x]), tt, torch.cat([cond["u"], cond["c"]])).chunk(2)
+            return pred_u + s * (pred_c - pred_u)
+
+        return guided
+
+    def oracle_denoiser(self, weights: Mapping[str, float]):
+        name = self._oracles.get(setting_key("morl", weights, None))
+        if name is None:
+            have = [k.split("|")[1] for k in self._oracles]
+            raise ValueError(f"no MORL oracle adapter for w = {dict(weights)}; oracles loaded: {have}")
+        return self.denoiser(Blend.create({name: 1.0}))
+
+    # -- images and rewards -----------------------------------------------------------------------
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None:
+            x0 = vae.decode(x0 / vae.config.scaling_factor, return_dict=False)[0]
+        return (x0.float() / 2 + 0.5).clamp(0, 1)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {n: fn(images, list(prompts), None)[0].detach().float().cpu() for n, fn in self.rewards.items()}
+
+    def _differentiable(self, name: str, images: torch.Tensor, prompts: Sequence[str]) -> bool:
+        if name not in self._grad_ok:
+            probe = images[:1].detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.rewards[name](probe, list(prompts)[:1], None)[0]
+            self._grad_ok[name] = bool(out.requires_grad)
+        return self._grad_ok[name]
+
+    def score_fn(self, weights: Mapping[str, float], prompts: Sequence[str], *, differentiable: bool):
+        unknown = [n for n in weights if n not in self.rewards]
+        if unknown:
+            raise ValueError(f"weights name reward(s) {unknown}; rewards scored: {list(self.reward_names)}")
+        terms = [(n, float(w)) for n, w in weights.items() if w != 0 and not math.isclose(w, 0.0)]
+        prompts = list(prompts)
+
+        def fn(images: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros(images.shape[0], device=images.device)
+            used = terms
+            if differentiable:
+                bad = [n for n, _ in terms if not self._differentiable(n, images, prompts)]
+                if bad and self.non_differentiable == "error":
+                    raise ValueError(f"reward(s) {bad} are not differentiable, so RGG cannot guide with them; "
+                                     f"pass non_differentiable='skip' to guide with the other terms only")
+                used = [(n, w) for n, w in terms if n not in bad]
+            for n, w in used:
+                total = total + w * self.rewards[n](images, prompts, None)[0].float()
+            return total
+
+        return fn
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.decode(x0)
