@@ -1,0 +1,261 @@
+"""BlendPipeline on tiny SD 1.5 / SDXL pipelines against hand-written references.
+
+Tolerances: everything runs in float32. The blended pipeline and the references compute the same
+sums in a different order (stacked combine vs. a running sum; K*B-row batches vs. B-row ones), so
+single predictions agree to ~1e-6 relative; through 3 DDIM steps (eta = 1, |x| ~ 1-5) that grows to
+~1e-5 absolute. ATOL = 2e-4 leaves a margin of 10x while any wrong coefficient, adapter or noise
+changes the latents by 1e-1 or more (checked by the `differs` assertions).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import diffblend.adapters.blender as blender_mod
+from diffblend.core.blend import BASE, Blend
+from diffblend.pipeline import BlendPipeline
+from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 2e-4
+STEPS = 3
+NAMES = ("aes", "txt", "cmp")
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory, one_thread):
+    d = tmp_path_factory.mktemp("sd")
+    pipe = tiny_sd(d)
+    files = {n: save_random_lora(pipe, d / n, seed=i + 1) for i, n in enumerate(NAMES)}
+    return BlendPipeline(pipe, files, mode="sequential")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory, one_thread):
+    d = tmp_path_factory.mktemp("sdxl")
+    pipe = tiny_sdxl(d)
+    files = {n: save_random_lora(pipe, d / n, seed=i + 11) for i, n in enumerate(NAMES[:2])}
+    return BlendPipeline(pipe, files, mode="sequential")
+
+
+def _latents(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(bp, prompt=("a cat", "a dog"), guidance=4.0, seed=0, plain=False, **blend):
+    kw = dict(prompt=list(prompt), num_inference_steps=STEPS, guidance_scale=guidance, eta=1.0, height=16,
+              width=16, output_type="latent", latents=_latents(seed, len(prompt)),
+              generator=torch.Generator().manual_seed(seed + 100))
+    if plain:
+        return bp.pipe(**kw).images
+    return bp(**kw, **blend).images
+
+
+def _use(unet, name):
+    """Make one model active through diffusers' own API (independent of diffblend's switching)."""
+    if name == BASE:
+        unet.disable_lora()
+    else:
+        unet.enable_lora()
+        unet.set_adapters([name])
+
+
+def reference_sd(bp, coeffs, prompt=("a cat", "a dog"), guidance=4.0, seed=0):
+    """Hand-written DDIM loop: one forward per model, weighted sum of the guided eps, the same noise."""
+    pipe, unet = bp.pipe, bp.pipe.unet
+    cfg = guidance > 1
+    pos, neg = pipe.encode_prompt(list(prompt), "cpu", 1, cfg)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(STEPS)
+    x = _latents(seed, len(prompt)) * sched.init_noise_sigma
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = 0
+            for name, c in coeffs:
+                _use(unet, name)
+                if cfg:
+                    u, co = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, pos])).sample.chunk(2)
+                    e = u + guidance * (co - u)
+                else:
+                    e = unet(x, t, encoder_hidden_states=pos).sample
+                eps = eps + c * e
+            x = sched.step(eps, t, x, eta=1.0, generator=gen).prev_sample
+    unet.enable_lora()
+    return x
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 1.5])
+def test_sd_mpa_matches_reference_loop(sd, lam, guidance):
+    w = {"aes": 0.5, "txt": 0.3, "cmp": 0.2}
+    got = _run(sd, weights=w, kl_strength=lam, guidance=guidance)
+    coeffs = [(BASE, 1 - lam)] + [(n, lam * w[n]) for n in NAMES]
+    ref = reference_sd(sd, [(n, c) for n, c in coeffs if c != 0], guidance=guidance)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    # a wrong blend would be visible: the reference of another w differs from it
+    other = reference_sd(sd, [(n, c) for n, c in coeffs[:1] + [("aes", lam)] if c != 0], guidance=guidance)
+    assert lam == 0 or _differs(got, other)
+
+
+@pytest.mark.parametrize("method", ["mpa", "ls", "soup"])
+def test_sd_batched_equals_sequential(sd, method):
+    w = {"aes": 0.6, "txt": 0.4}
+    seq = _run(sd, weights=w, method=method, kl_strength=0.8, mode="sequential", blend_seed=3)
+    bat = _run(sd, weights=w, method=method, kl_strength=0.8, mode="batched", blend_seed=3)
+    torch.testing.assert_close(bat, seq, atol=ATOL, rtol=0)
+    assert _differs(seq, _run(sd))  # the blend did something
+
+
+def test_sd_one_hot_and_base_equal_the_plain_pipeline(sd):
+    unet = sd.pipe.unet
+    for name in NAMES:
+        _use(unet, name)
+        plain = _run(sd, plain=True)
+        torch.testing.assert_close(_run(sd, weights={name: 1.0}), plain, atol=ATOL, rtol=0)
+        torch.testing.assert_close(_run(sd, weights={name: 1.0}, mode="batched", method="ls"), plain,
+                                   atol=ATOL, rtol=0)
+    _use(unet, BASE)
+    base = _run(sd, plain=True)
+    unet.enable_lora()
+    torch.testing.assert_close(_run(sd, weights={"aes": 0.5, "txt": 0.5}, kl_strength=0.0), base, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_run(sd, weights=None), base, atol=ATOL, rtol=0)
+    assert _differs(base, plain)
+
+
+def test_pipeline_state_restored_and_weights_change_freely(sd):
+    unet = sd.pipe.unet
+    _use(unet, "txt")
+    before = _run(sd, plain=True)
+    a = _run(sd, weights={"aes": 0.2, "txt": 0.8})
+    b = _run(sd, weights={"aes": 0.9, "txt": 0.1})
+    assert _differs(a, b)
+    assert "forward" not in unet.__dict__  # the wrapper is gone
+    torch.testing.assert_close(_run(sd, plain=True), before, atol=0, rtol=0)
+    torch.testing.assert_close(_run(sd, weights={"aes": 0.2, "txt": 0.8}), a, atol=0, rtol=0)
+
+
+class _Spy:
+    """Records the LS draws and the routed adapter names (wraps the real functions)."""
+
+    def __init__(self, monkeypatch):
+        self.draws, self.routes = [], []
+        real_draw, real_route = blender_mod.ls_choices, blender_mod._compat.route
+
+        def draw(*a, **k):
+            out = real_draw(*a, **k)
+            self.draws.append(out.clone())
+            return out
+
+        def route(layers, names):
+            self.routes.append(list(names))
+            return real_route(layers, names)
+
+        monkeypatch.setattr(blender_mod, "ls_choices", draw)
+        monkeypatch.setattr(blender_mod._compat, "route", route)
+
+
+def test_ls_reproducible_and_same_for_both_cfg_halves(sd, monkeypatch):
+    spy = _Spy(monkeypatch)
+    prompts = ("a", "b", "c", "d")
+    w = {"aes": 0.4, "txt": 0.3, "cmp": 0.3}
+    x1 = _run(sd, prompt=prompts, weights=w, method="ls", mode="batched", blend_seed=7)
+    d1, r1 = list(spy.draws), list(spy.routes)
+    x2 = _run(sd, prompt=prompts, weights=w, method="ls", mode="batched", blend_seed=7)
+    torch.testing.assert_close(x1, x2, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(d1, spy.draws[len(d1):]))
+    assert len(r1) == STEPS
+    for names in r1:  # [uncond (4); cond (4)]: sample j gets the same adapter in both halves
+        assert len(names) == 8 and names[:4] == names[4:]
+    assert len({tuple(n) for n in r1}) > 1 or len(set(r1[0])) > 1  # draws vary over samples / steps
+    x3 = _run(sd, prompt=prompts, weights=w, method="ls", mode="batched", blend_seed=8)
+    assert _differs(x1, x3)
+
+
+def test_ls_sequential_equals_batched_and_frequencies_match_w(sd):
+    """Over many samples and steps, the drawn models follow c = [(1 - lambda), lambda w]."""
+    lam, w = 0.8, {"aes": 0.2, "txt": 0.3, "cmp": 0.5}
+    blend = Blend.create(w, sd.adapter_names, kl_strength=lam, method="ls", seed=1)
+    B, n_steps = 64, 20
+    x = _latents(5, B)
+    emb = torch.randn((B, 16, 32), generator=torch.Generator().manual_seed(6))
+    counts = torch.zeros(4)
+    seq_den = sd.denoiser(blend, mode="sequential")
+    bat_den = sd.denoiser(blend, mode="batched")
+    with torch.no_grad():
+        for t in torch.linspace(999, 1, n_steps).long():
+            tt = t.expand(B)
+            counts += torch.bincount(blender_mod.ls_choices(blend.coefficients(), 1,
+                                                            blender_mod.step_key(tt), B), minlength=4)
+            if t > 900:  # the two modes agree (a few steps suffice); float32 kernels differ with the
+                # batch size (64 rows vs. the rows of one model), ~2e-5 seen on |pred| ~ 3
+                torch.testing.assert_close(bat_den(x, tt, emb), seq_den(x, tt, emb), atol=1e-4, rtol=0)
+    freq = counts / counts.sum()
+    target = blend.coefficients(torch.float32)
+    # n = 1280 draws: the standard error of a frequency is <= sqrt(0.25 / 1280) = 0.014; 4 sigma
+    assert (freq - target).abs().max() < 0.056, (freq, target)
+
+
+def test_ls_warns_with_a_deterministic_sampler(sd):
+    with pytest.warns(UserWarning, match="stochastic sampler"):
+        sd(prompt="a", weights={"aes": 1.0}, method="ls", num_inference_steps=1, eta=0.0, height=16, width=16,
+           output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(sd, weights={"aes": 1.0}, method="ls")  # eta = 1: no warning
+
+
+# -- SDXL ---------------------------------------------------------------------------------------
+
+def _naive_forward(bp, coeffs):
+    """Reference: wrap the UNet so each call does one forward per model (diffusers' API) and sums."""
+    unet = bp.pipe.unet
+    inner = unet.forward
+
+    def forward(*args, **kwargs):
+        total = 0
+        for name, c in coeffs:
+            _use(unet, name)
+            total = total + c * inner(*args, **kwargs)[0]
+        unet.enable_lora()
+        return (total,)
+
+    return forward
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 1.5])
+def test_sdxl_mpa_matches_reference(sdxl, lam, guidance, monkeypatch):
+    w = {"aes": 0.7, "txt": 0.3}
+    got = _run(sdxl, weights=w, kl_strength=lam, guidance=guidance)
+    bat = _run(sdxl, weights=w, kl_strength=lam, guidance=guidance, mode="batched")
+    coeffs = [(n, c) for n, c in [(BASE, 1 - lam), ("aes", lam * 0.7), ("txt", lam * 0.3)] if c != 0]
+    monkeypatch.setattr(sdxl.pipe.unet, "forward", _naive_forward(sdxl, coeffs))
+    ref = _run(sdxl, plain=True, guidance=guidance)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(bat, ref, atol=ATOL, rtol=0)
+    if lam:
+        assert _differs(got, _run(sdxl, weights=None, guidance=guidance))
+
+
+def test_sdxl_one_hot_and_ls_routing(sdxl, monkeypatch):
+    unet = sdxl.pipe.unet
+    _use(unet, "txt")
+    plain = _run(sdxl, plain=True)
+    unet.enable_lora()
+    torch.testing.assert_close(_run(sdxl, weights={"txt": 1.0}), plain, atol=ATOL, rtol=0)
+    spy = _Spy(monkeypatch)
+    a = _run(sdxl, weights={"aes": 0.5, "txt": 0.5}, method="ls", mode="batched", blend_seed=2)
+    b = _run(sdxl, weights={"aes": 0.5, "txt": 0.5}, method="ls", mode="sequential", blend_seed=2)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert all(names[:2] == names[2:] for names in spy.routes)
