@@ -171,3 +171,57 @@ class DiffusersBackend(Backend):
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.decode(x0)
+
+
+def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20, guidance_scale: float = 2.0,
+                    non_differentiable: str = "skip", device: str = "cpu", mode: str = "auto") -> DiffusersBackend:
+    """The embedded digits model with its shipped adapters (``zoo/adapters``) as a backend.
+
+    Shipped adapters named after a reward are the per-reward adapters; an adapter whose manifest
+    entry gives ``"weights"`` (``{reward: w}``) or whose name is ``morl[...]`` / ``morl_...`` with a
+    weight spec is a MORL oracle. ``rewards`` defaults to every registered reward.
+    """
+    from ..rewards import available_rewards, canonical_name
+    from ..zoo import load_default_pipeline
+
+    per_reward, oracles = shipped_adapter_roles()
+    pipe = load_default_pipeline(device=device)
+    names = list(rewards) if rewards else available_rewards()
+    names = [canonical_name(n) for n in names]
+    return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
+                            guidance_scale=guidance_scale, non_differentiable=non_differentiable, mode=mode,
+                            device=device)
+
+
+def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float], Path]]]:
+    """Split the shipped adapters into ``{reward: path}`` and ``[(w, path)]`` MORL oracles."""
+    import json
+    import re
+    from importlib import resources
+
+    from ..rewards import canonical_name, parse_reward_weights
+    from ..zoo.generate import shipped_adapters
+
+    files = shipped_adapters()
+    folder = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
+    manifest = {}
+    if (folder / "manifest.json").is_file():
+        manifest = json.loads((folder / "manifest.json").read_text()).get("adapters", {})
+    per_reward: dict[str, Path] = {}
+    oracles: list[tuple[dict[str, float], Path]] = []
+    for name, path in files.items():
+        entry = manifest.get(name, {})
+        w = entry.get("weights") if isinstance(entry, dict) else None
+        if w is None and isinstance(entry, dict) and isinstance(entry.get("reward"), str) and "=" in entry["reward"]:
+            w = parse_reward_weights(entry["reward"])
+        m = re.fullmatch(r"morl[\[_:-]?(.*?)\]?", name)
+        if w is None and m and "=" in m.group(1):
+            w = parse_reward_weights(m.group(1))
+        if w is not None:
+            oracles.append(({canonical_name(k): float(v) for k, v in w.items()}, path))
+            continue
+        try:
+            per_reward[canonical_name(name)] = path
+        except (KeyError, ValueError):
+            continue  # neither a reward's adapter nor an oracle: not used by the comparison
+    return per_reward, oracles

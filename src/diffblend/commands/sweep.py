@@ -1,0 +1,140 @@
+"""``diffblend sweep``: methods x weight grid (x lambda grid) over prompts and paired seeds -> JSONL records."""
+
+from __future__ import annotations
+
+import argparse
+
+METHOD_HELP = "base, mpa, ls, soup, kla, rgg, code, morl"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep", help="run methods over a grid of weights (and lambdas) and record every image's rewards",
+        description="Generate every (prompt, seed) with every setting (method x w, x lambda for kla), score "
+                    "each image with every reward and append one JSONL record per image. Every setting uses "
+                    "the same noise for a given (prompt, seed). Rerunning resumes; `accelerate launch -m "
+                    "diffblend.cli sweep ...` splits the settings across processes.")
+    p.add_argument("-o", "--output", default="sweep/records.jsonl", help="records file (default: sweep/records.jsonl)")
+    p.add_argument("--model", default="default",
+                   help="'default' (the embedded digits model + shipped adapters), 'toy' (the analytic toy), "
+                        "or a diffusers pipeline folder (with --adapter)")
+    p.add_argument("--adapter", action="append", default=[], metavar="REWARD=PATH",
+                   help="per-reward LoRA adapter for a --model folder (repeat); named after its reward")
+    p.add_argument("--oracle", action="append", default=[], metavar="R1=W1,R2=W2:PATH",
+                   help="MORL oracle adapter for w (repeat)")
+    p.add_argument("--rewards", default="", help="rewards of the weight grid, comma-separated (a pair for --weights)")
+    p.add_argument("--score", default="", help="rewards to score every image with (default: all registered / the toy's)")
+    p.add_argument("--methods", default="base,mpa,ls,soup,rgg,code,morl", help=f"comma-separated among {METHOD_HELP}")
+    p.add_argument("--weights", default="0,0.25,0.5,0.75,1",
+                   help="w of the second reward of the pair (the first gets 1 - w)")
+    p.add_argument("--weight-grid", default="", metavar="R=W,...;R=W,...",
+                   help="explicit weight vectors separated by ';' (any number of rewards); overrides --weights")
+    p.add_argument("--lambdas", default="0,0.5,1,1.5,2", help="lambda grid of kla")
+    p.add_argument("--kla-weights", default="", metavar="R=W,...;...", help="weights of kla (default: the weight grid)")
+    p.add_argument("--prompts", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated prompts")
+    p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt (default 4)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (default 2)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of every method (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generation call (default 8)")
+    p.add_argument("--code-candidates", type=int, default=20, help="CoDe N (default 20)")
+    p.add_argument("--code-block", type=int, default=5, help="CoDe block size B (default 5)")
+    p.add_argument("--rgg-kl", type=float, default=0.1, help="RGG KL weight alpha (default 0.1)")
+    p.add_argument("--rgg-gamma", type=float, default=0.024, help="RGG tempering gamma, 0 = none (default 0.024)")
+    p.add_argument("--rgg-norm", choices=["rms", "none"], default="rms", help="RGG gradient normalisation")
+    p.add_argument("--rgg-non-differentiable", choices=["skip", "error"], default="skip",
+                   help="RGG with a reward without gradient: guide with the other terms, or refuse")
+    p.add_argument("--save-images", action="store_true", help="save every image as PNG next to the records")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def _weight_vectors(text: str) -> list[dict[str, float]]:
+    from ._util import parse_weights
+
+    return [parse_weights(part) for part in text.split(";") if part.strip()]
+
+
+def build_backend(args: argparse.Namespace):
+    """The backend named by --model."""
+    from pathlib import Path
+
+    score = [s for s in args.score.split(",") if s.strip()]
+    if args.model == "toy":
+        from ..evaluate.backends import ToyBackend
+
+        return ToyBackend.default(num_steps=args.steps)
+    if args.model == "default":
+        from ..evaluate.pipelines import default_backend
+
+        return default_backend(score or None, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                               non_differentiable=args.rgg_non_differentiable, device=args.device)
+    from ..evaluate.pipelines import DiffusersBackend
+    from ..zoo.generate import load_pipeline
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {item!r} is malformed; expected REWARD=PATH")
+        adapters[name.strip()] = Path(path)
+    oracles = []
+    for item in args.oracle:
+        spec, sep, path = item.rpartition(":")
+        if not sep or not spec:
+            raise ValueError(f"--oracle {item!r} is malformed; expected R1=W1,R2=W2:PATH")
+        oracles.append((_weight_vectors(spec)[0], Path(path)))
+    pipe = load_pipeline(args.model, device=args.device)
+    return DiffusersBackend(pipe, adapters, score or list(adapters), oracles=oracles, num_steps=args.steps,
+                            guidance_scale=args.guidance_scale, non_differentiable=args.rgg_non_differentiable,
+                            device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from ..baselines.code import CoDeConfig
+    from ..baselines.rgg import RGGConfig
+    from ..evaluate.methods import MethodOptions
+    from ..evaluate.sweep import build_settings, merge_shards, pair_grid, run_sweep
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.weight_grid:
+        grid = _weight_vectors(args.weight_grid)
+    else:
+        names = [r.strip() for r in args.rewards.split(",") if r.strip()]
+        if len(names) != 2:
+            raise ValueError("--rewards must name the pair of rewards of --weights (e.g. "
+                             "jpeg_compressibility,legibility), or give --weight-grid")
+        grid = pair_grid(names, _floats(args.weights))
+    kla_w = _weight_vectors(args.kla_weights) if args.kla_weights else None
+    settings = build_settings(methods, grid, _floats(args.lambdas) if "kla" in methods else (), kla_w)
+    options = MethodOptions(
+        eta=args.eta, code=CoDeConfig(num_candidates=args.code_candidates, block_size=args.code_block),
+        rgg=RGGConfig(kl_coeff=args.rgg_kl, grad_norm=None if args.rgg_norm == "none" else "rms",
+                      tempering_gamma=args.rgg_gamma or None))
+    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    state = PartialState()
+    backend = build_backend(args)
+    from pathlib import Path
+
+    out = Path(args.output)
+    stats = run_sweep(backend, settings, prompts, list(range(args.seeds)), out, options=options,
+                      batch_size=args.batch_size, images_dir=out.parent / "images" if args.save_images else None,
+                      process_index=state.process_index, num_processes=state.num_processes,
+                      progress=not args.no_progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        n = merge_shards(out) if state.num_processes > 1 else None
+        total = f", {n} records in all" if n is not None else ""
+        print(f"sweep: {stats.generated} images generated, {stats.skipped} already recorded{total} -> {out}")
+    return 0

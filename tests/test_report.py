@@ -1,0 +1,97 @@
+"""The report builds from a small records file, and its numbers are the ones we can compute by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from diffblend.evaluate.analysis import cost_table, mean_ci, method_fronts, oracle_gain, summarize
+from diffblend.evaluate.records import RecordWriter, read_records
+from diffblend.evaluate.report import write_report
+
+A, B = "r_a", "r_b"
+SEEDS = range(6)
+
+
+def records(with_images_root=None):
+    """Base at (0, 0); MORL at (1-w, w); MPA at 0.8 x that; soup at 0.3 x. Per-seed offsets are the
+    same for every method, so paired differences are exact and oracle fractions are 0.8 and 0.3."""
+    out = []
+    off = {s: 0.1 * (s - 2.5) for s in SEEDS}
+    for s in SEEDS:
+        out.append(dict(method="base", weights=None, **{"lambda": None}, prompt="p", seed=s,
+                        rewards={A: off[s], B: off[s]}, seconds=1.0, nfe=10))
+    for w in (0.0, 0.5, 1.0):
+        wd = {A: 1 - w, B: w}
+        for m, k, sec, lam in (("morl", 1.0, 1.0, None), ("mpa", 0.8, 2.0, 1.0), ("soup", 0.3, 1.1, 1.0)):
+            for s in SEEDS:
+                out.append(dict(method=m, weights=wd, **{"lambda": lam}, prompt="p", seed=s,
+                                rewards={A: k * (1 - w) + off[s], B: k * w + off[s]}, seconds=sec,
+                                nfe=20 if m == "mpa" else 10))
+    for lam in (0.0, 1.0, 2.0):
+        for s in SEEDS:
+            out.append(dict(method="kla", weights={A: 1.0, B: 0.0}, **{"lambda": lam}, prompt="p", seed=s,
+                            rewards={A: 0.5 * lam + off[s], B: -0.1 * lam}, seconds=1.5, nfe=20))
+    return out
+
+
+def test_oracle_fraction_and_cost_by_hand():
+    recs = records()
+    g = oracle_gain(recs, ["mpa", "soup"], {A: 0.5, B: 0.5})
+    assert g["mpa"]["fraction"] == pytest.approx(0.8)
+    assert g["soup"]["fraction"] == pytest.approx(0.3)
+    # Paired offsets cancel in every bootstrap resample, so the interval collapses on the value.
+    assert g["mpa"]["lo"] == pytest.approx(0.8) and g["mpa"]["hi"] == pytest.approx(0.8)
+    c = cost_table(recs)
+    assert c["mpa"]["ratio"] == pytest.approx(2.0) and c["mpa"]["nfe_ratio"] == pytest.approx(2.0)
+
+
+def test_summary_means_and_ci():
+    rows = {(r["method"], r["lambda"], None if r["weights"] is None else r["weights"][B]): r
+            for r in summarize(records())}
+    row = rows[("mpa", 1.0, 0.5)]
+    vals = [0.4 + 0.1 * (s - 2.5) for s in SEEDS]
+    m, h = mean_ci(vals)
+    assert row["n"] == 6 and row["mean"][A] == pytest.approx(m) and row["ci"][A] == pytest.approx(h)
+    # t_{0.975, 5} = 2.5706; sd of the offsets = 0.1 * sd(0..5) = 0.18708
+    assert h == pytest.approx(2.5706 * 0.187083 / math.sqrt(6), rel=1e-4)
+
+
+def test_fronts_and_hypervolume():
+    fr = method_fronts(records(), [A, B], ["mpa", "morl", "soup"])
+    ref = fr.pop("__ref__")["ref"]
+    # The worst means: r_a = 0 (base, soup at w=1...), r_b = -0.2 (kla at lambda = 2).
+    np.testing.assert_allclose(ref, [0.0, -0.2], atol=1e-12)
+    # MORL points (1,0), (.5,.5), (0,1); (0,1) is not above ref in r_a, so adds nothing; the
+    # staircase of the other two: 1 * (0 + 0.2) + 0.5 * (0.5 - 0).
+    hv = 0.2 + 0.25
+    assert fr["morl"]["hv"] == pytest.approx(hv)
+    assert fr["mpa"]["hv"] < fr["morl"]["hv"] and fr["soup"]["hv"] < fr["mpa"]["hv"]
+    assert fr["morl"]["front_mask"].all()
+
+
+def test_report_builds_from_a_records_file(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as w:
+        for r in records():
+            w.write(r)
+    out = write_report(path, tmp_path / "report", title="Test report")
+    text = out.read_text()
+    assert text.startswith("# Test report")
+    assert "Headline at w = (r_a=0.5, r_b=0.5)" in text
+    assert "| DB-MPA |" in text and "0.80 [0.80, 0.80]" in text and "0.30 [0.30, 0.30]" in text
+    assert "DB-KLA" in text and (tmp_path / "report" / "pareto.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "kla.png").exists()
+    assert len(read_records(path)) == len(records())
+
+
+def test_report_cli(tmp_path):
+    from diffblend.cli import main
+
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as w:
+        for r in records():
+            w.write(r)
+    assert main(["report", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.md").exists()
+    assert main(["report", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")]) == 1
