@@ -17,8 +17,10 @@ reverse), non-LoRA tensors (a fused / merged checkpoint), pickle files (``.bin``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -178,6 +180,22 @@ def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, c
     return ranks
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence the expected notices of a multi-adapter load (peft's "Already found a peft_config")."""
+    from diffusers.utils import logging as dlogging
+
+    logger = dlogging.get_logger("diffusers.utils.peft_utils")
+    level = logger.level
+    logger.setLevel(dlogging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, component: str = "unet",
                  allow_pickle: bool = False, text_encoder: str = "refuse") -> None:
     """Check and inject one LoRA adapter into ``model`` (a diffusers model with ``load_lora_adapter``).
@@ -204,14 +222,19 @@ def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, compone
     sd, meta = read_adapter(path, name, allow_pickle=allow_pickle)
     sd, meta = split_components(sd, meta, component, name, text_encoder)
     sd = _to_peft_keys(sd)
-    check_fits(model, sd, name, component)
+    ranks = check_fits(model, sd, name, component)
     if not hasattr(model, "load_lora_adapter"):
         raise RuntimeError(f"{type(model).__name__} has no load_lora_adapter (diffusers PeftAdapterMixin)")
     kwargs = {"metadata": meta} if meta else {}
-    model.load_lora_adapter(sd, prefix=None, adapter_name=name, **kwargs)
+    with _quiet_loading():
+        model.load_lora_adapter(sd, prefix=None, adapter_name=name, **kwargs)
+    # Verify ourselves (diffusers' own missing-key report matches adapter names as substrings of
+    # key names, so it is noisy for short names and silenced above).
     layers = lora_layers(model)
-    if not any(name in layer.lora_A for layer in layers):
-        raise AdapterError(f"adapter {name!r}: no layer of the {component} received its weights")
+    not_loaded = [m for m in ranks if name not in getattr(model.get_submodule(m), "lora_A", {})]
+    if not_loaded:
+        raise AdapterError(f"adapter {name!r}: {len(not_loaded)} module(s) did not receive weights, e.g. "
+                           f"{not_loaded[:3]}")
     for layer in layers:  # inference: the loaded weights are not trained here
         for mod in (layer.lora_A, layer.lora_B):
             if name in mod:

@@ -1,0 +1,288 @@
+"""Loading adapters by name, every refusal, per-sample routing, and the core-loop denoiser.
+
+Tolerance ATOL = 2e-4 as in test_pipeline.py (float32 sums in another order, through <= 3 steps);
+single forwards are compared at 1e-5 (one float32 forward of |pred| ~ 1-3, ~1e-6 seen).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffblend.adapters import AdapterError, _compat, blend_denoiser
+from diffblend.core.blend import BASE, Blend
+from diffblend.core.sampling import NoiseSchedule, randn, sample
+from diffblend.pipeline import BlendPipeline
+from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ATOL = 2e-4
+NAMES = ("aes", "txt", "cmp")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, one_thread):
+    d = tmp_path_factory.mktemp("loras")
+    pipe = tiny_sd(d)
+    out = {n: save_random_lora(pipe, d / n, seed=i + 1) for i, n in enumerate(NAMES)}
+    out["dora"] = save_random_lora(pipe, d / "dora", seed=9, use_dora=True)
+    out["with_te"] = save_random_lora(pipe, d / "with_te", seed=10, text_encoder=True)
+    out["xl"] = save_random_lora(tiny_sdxl(d), d / "xl", seed=11)
+    out["dir"] = d
+    return out
+
+
+@pytest.fixture()
+def bp(files, tmp_path):
+    return BlendPipeline(tiny_sd(tmp_path), {n: files[n] for n in NAMES}, mode="sequential")
+
+
+def _use(unet, name):
+    if name == BASE:
+        unet.disable_lora()
+    else:
+        unet.enable_lora()
+        unet.set_adapters([name])
+
+
+def _inputs(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 4, 8, 8), generator=g).expand(batch, -1, -1, -1).contiguous()  # identical rows
+    emb = torch.randn((1, 16, 32), generator=g).expand(batch, -1, -1).contiguous()
+    return x, emb
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def test_loaded_weights_and_alpha_are_the_files(bp, files):
+    sd = load_file(str(files["txt"]))
+    layer = bp.pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    torch.testing.assert_close(layer.lora_B["txt"].weight, sd[f"{prefix}.lora_B.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(layer.lora_A["txt"].weight, sd[f"{prefix}.lora_A.weight"], atol=0, rtol=0)
+    assert layer.scaling["txt"] == pytest.approx(8.0 / 4)  # lora_alpha / r from the file's metadata
+    assert bp.adapter_names == list(NAMES)
+
+
+def test_peft_directory_equals_the_diffusers_file(bp, files, tmp_path):
+    """A peft adapter dir (adapter_config.json + adapter_model.safetensors) gives the same model."""
+    peft_dir = tmp_path / "peft_txt"
+    peft_dir.mkdir()
+    sd = {"base_model.model." + k.removeprefix("unet."): v for k, v in load_file(str(files["txt"])).items()}
+    save_file(sd, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0",
+                                                                          "time_emb_proj"]}))
+    bp.load_adapter("txt_peft", peft_dir)
+    x, emb = _inputs(2)
+    den_file = bp.denoiser(Blend.create({"txt": 1.0}, bp.adapter_names))
+    den_peft = bp.denoiser(Blend.create({"txt_peft": 1.0}, bp.adapter_names))
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        torch.testing.assert_close(den_peft(x, t, emb), den_file(x, t, emb), atol=1e-5, rtol=0)
+
+
+def test_pickle_refused_unless_allowed(bp, files, tmp_path):
+    path = tmp_path / "lora.bin"
+    torch.save(load_file(str(files["txt"])), path)
+    with pytest.raises(AdapterError, match="'pkl'.*pickle.*allow_pickle=True"):
+        bp.load_adapter("pkl", path)
+    bp.load_adapter("pkl", path, allow_pickle=True)
+    assert "pkl" in bp.adapter_names
+
+
+def test_other_architecture_refused(bp, files):
+    with pytest.raises(AdapterError, match="adapter 'xl' does not fit this unet"):
+        bp.load_adapter("xl", files["xl"])
+    assert "xl" not in bp.adapter_names
+
+
+def _edited(files, tmp_path, edit):
+    sd = load_file(str(files["txt"]))
+    edit(sd)
+    path = tmp_path / "edited.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def test_rank_layout_and_missing_keys_refused(bp, files, tmp_path):
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_v.lora_B.weight"
+
+    def widen(sd):
+        sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 2)
+
+    with pytest.raises(AdapterError, match=r"adapter 'bad'.*to_v: rank layout differs, lora_A has rank 4, lora_B 6"):
+        bp.load_adapter("bad", _edited(files, tmp_path, widen))
+    with pytest.raises(AdapterError, match=r"adapter 'bad'.*to_v: missing lora_B"):
+        bp.load_adapter("bad", _edited(files, tmp_path, lambda sd: sd.pop(key)))
+
+    def rename(sd):
+        for k in (key, key.replace("lora_B", "lora_A")):
+            sd[k.replace("mid_block", "mid_block_9")] = sd.pop(k)
+
+    with pytest.raises(AdapterError, match=r"adapter 'bad'.*no such module"):
+        bp.load_adapter("bad", _edited(files, tmp_path, rename))
+    assert "bad" not in bp.adapter_names
+
+
+def test_fused_checkpoint_and_fused_pipeline_refused(bp, files, tmp_path):
+    full = {"unet." + k: v.contiguous() for k, v in tiny_sd(tmp_path).unet.state_dict().items()}
+    path = tmp_path / "full.safetensors"
+    save_file(full, str(path))
+    with pytest.raises(AdapterError, match="adapter 'full' holds .* non-LoRA tensor.*fused"):
+        bp.load_adapter("full", path)
+
+    pipe = tiny_sd(tmp_path)
+    pipe.load_lora_weights(str(files["aes"]), adapter_name="aes")
+    pipe.fuse_lora(adapter_names=["aes"])
+    with pytest.raises(AdapterError, match="fused"):
+        BlendPipeline(pipe)
+    # fused after the blend was set up: refused at call time
+    bp.pipe.fuse_lora(adapter_names=["aes"])
+    with pytest.raises(ValueError, match="fused"):
+        bp("a", weights={"txt": 1.0}, num_inference_steps=1, height=16, width=16, output_type="latent")
+
+
+def test_text_encoder_components_refused_or_ignored(bp, files):
+    with pytest.raises(AdapterError, match=r"adapter 'te' also holds LoRA weights for \['text_encoder'\]"):
+        bp.load_adapter("te", files["with_te"])
+    bp.load_adapter("te", files["with_te"], text_encoder="ignore")
+    assert "te" in bp.adapter_names
+    assert "te" not in (getattr(bp.pipe.text_encoder, "peft_config", None) or {})  # only the unet part
+
+
+def test_names_and_missing_files_refused(bp, files, tmp_path):
+    with pytest.raises(AdapterError, match="'aes' is already loaded"):
+        bp.load_adapter("aes", files["txt"])
+    with pytest.raises(AdapterError, match="other than '__base__'"):
+        bp.load_adapter(BASE, files["txt"])
+    with pytest.raises(AdapterError, match="'nope'.*does not exist"):
+        bp.load_adapter("nope", tmp_path / "nope.safetensors")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(AdapterError, match="unsupported file type"):
+        bp.load_adapter("txtfile", tmp_path / "x.txt")
+
+
+def test_dora_refused_where_it_cannot_work(bp, files):
+    bp.load_adapter("dora", files["dora"])
+    kw = dict(prompt="a", num_inference_steps=1, height=16, width=16, output_type="latent")
+    with pytest.raises(ValueError, match=r"\['dora'\] use DoRA.*Rewarded Soup"):
+        bp(weights={"dora": 0.5, "aes": 0.5}, method="soup", **kw)
+    with pytest.raises(ValueError, match=r"\['dora'\] use DoRA.*mode='sequential'"):
+        bp(weights={"dora": 0.5, "aes": 0.5}, mode="batched", **kw)
+    out = bp(weights={"dora": 0.5, "aes": 0.5}, mode="sequential", **kw).images  # sequential MPA works
+    assert torch.isfinite(out).all()
+
+
+def test_bad_weights_and_options_give_the_documented_errors(bp):
+    kw = dict(prompt="a", num_inference_steps=1, height=16, width=16, output_type="latent")
+    cases = [
+        (dict(weights={"aes": 0.5, "txt": 0.4}), "must sum to 1"),
+        (dict(weights={"aes": 1.5, "txt": -0.5}), r"must be >= 0.*\['txt'\]"),
+        (dict(weights={"aes": 0.5, "zzz": 0.5}), r"unknown adapter\(s\) \['zzz'\]"),
+        (dict(weights={"aes": 1.0}, kl_strength=-1), "kl_strength"),
+        (dict(weights={"aes": 1.0}, kl_strength=1.5, method="ls"), "method 'ls' needs non-negative"),
+        (dict(weights={"aes": 1.0}, method="fancy"), "method must be one of"),
+        (dict(weights={"aes": 1.0}, mode="fast"), "mode must be one of"),
+        (dict(weights={BASE: 1.0}), "must not name '__base__'"),
+        (dict(weights=[0.5, 0.5]), "weights has 2 entries but there are 3 adapters"),
+    ]
+    for blend_kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            bp(**blend_kw, **kw)
+    torch.testing.assert_close(  # normalize=True rescales instead
+        bp(weights={"aes": 1.0, "txt": 1.0}, normalize=True, generator=torch.Generator().manual_seed(0), **kw).images,
+        bp(weights={"aes": 0.5, "txt": 0.5}, generator=torch.Generator().manual_seed(0), **kw).images, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        BlendPipeline(bp.pipe, mode="fast")
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+def test_per_sample_routing_really_routes(bp):
+    """Identical input rows routed to different models come out as those models' outputs."""
+    unet, layers = bp.pipe.unet, bp.blender.layers
+    x, emb = _inputs(4)
+    names = ["aes", BASE, "cmp", "txt"]
+    with torch.no_grad():
+        with _compat.route(layers, names):
+            routed = unet(x, 500, encoder_hidden_states=emb).sample
+        singles = []
+        for n in names:
+            _use(unet, n)
+            singles.append(unet(x[:1], 500, encoder_hidden_states=emb[:1]).sample[0])
+        unet.enable_lora()
+    for i in range(4):
+        torch.testing.assert_close(routed[i], singles[i], atol=1e-5, rtol=0)
+    for i in range(4):  # every row got its own model: no two rows agree
+        for j in range(i + 1, 4):
+            assert (routed[i] - routed[j]).abs().max() > 1e-3, (names[i], names[j])
+    assert not any(len(h) for h in (layer._forward_pre_hooks for layer in layers))  # hooks removed
+
+
+def test_routing_refuses_a_wrong_batch_size(bp):
+    x, emb = _inputs(3)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"), torch.no_grad():
+        with _compat.route(bp.blender.layers, ["aes", "txt"]):
+            bp.pipe.unet(x, 500, encoder_hidden_states=emb)
+
+
+# -- the core-loop denoiser --------------------------------------------------------------------
+
+def test_blend_denoiser_in_core_sample_matches_pipeline_maths(bp):
+    """core.sample + blend_denoiser with CFG == explicit per-model guided sum; CFG inside == outside."""
+    B = 2
+    sched = bp.pipe.scheduler
+    schedule = NoiseSchedule(sched.alphas_cumprod.double(), float(sched.final_alpha_cumprod))
+    ts = schedule.timesteps(3, steps_offset=1)
+    pos, neg = bp.pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
+    blend = Blend.create({"aes": 0.3, "txt": 0.7}, bp.adapter_names, kl_strength=1.2)
+    x0 = randn((B, 4, 8, 8), [torch.Generator().manual_seed(i) for i in range(B)])
+
+    def run(den, guidance=1.0, uncond=None):
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(B)]
+        with torch.no_grad():
+            return sample(den, x0, schedule, ts, pos, eta=1.0, generators=gens, guidance_scale=guidance,
+                          uncond=uncond).sample
+
+    inside = run(bp.denoiser(blend, guidance_scale=3.0, uncond=neg, mode="batched"))
+    outside = run(blend_denoiser(bp.pipe.unet, blend, groups=2, mode="sequential"), 3.0, neg)
+    torch.testing.assert_close(inside, outside, atol=ATOL, rtol=0)
+
+    unet = bp.pipe.unet
+
+    def reference(x, t, cond):
+        total = 0
+        for n, c in blend.active():
+            _use(unet, n)
+            u, co = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, cond])
+                         ).sample.chunk(2)
+            total = total + c * (u + 3.0 * (co - u))
+        unet.enable_lora()
+        return total
+
+    torch.testing.assert_close(inside, run(reference), atol=ATOL, rtol=0)
+
+
+def test_zoo_pipeline_works_unchanged(tmp_path):
+    """The embedded default model (a DiffusionPipeline subclass) blends through the same machinery."""
+    model = pytest.importorskip("diffblend.zoo.model")
+    pipe = model.build_pipeline(seed=0, channels=(16, 32, 32))
+    pipe.set_progress_bar_config(disable=True)
+    files = {n: save_random_lora(pipe, tmp_path / n, seed=i + 1) for i, n in enumerate(("a", "b"))}
+    bp = BlendPipeline(pipe, files, mode="sequential")
+
+    def run(**kw):
+        return bp(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
+
+    seq = run(weights={"a": 0.4, "b": 0.6})
+    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=0)
+    _use(pipe.unet, "b")
+    plain = bp.pipe(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=0)
+    assert (seq - plain).abs().max() > 1e-2
