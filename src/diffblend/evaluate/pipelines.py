@@ -48,7 +48,8 @@ class DiffusersBackend(Backend):
             with those names are used as they are).
         rewards: ``{name: fn(images, prompts, metadata) -> (scores, info)}`` scored on every image;
             or a list of names for ``diffblend.rewards.get_reward``.
-        oracles: ``[(w, path)]`` MORL oracle adapters, one per w.
+        oracles: ``[(w, path)]`` MORL oracle adapters, one per w. At a one-hot w the oracle is the
+            reward's own adapter (same fine-tuning objective) unless one is given.
         num_steps: DDIM steps; guidance_scale: CFG scale (<= 1 turns CFG off).
         non_differentiable: what RGG does with a reward that has no gradient: "error" (refuse) or
             "skip" (guide with the differentiable terms of r(w) only; say so in any report).
@@ -123,6 +124,10 @@ class DiffusersBackend(Backend):
 
     def oracle_denoiser(self, weights: Mapping[str, float]):
         name = self._oracles.get(setting_key("morl", weights, None))
+        hot = [n for n, v in weights.items() if v != 0]
+        if name is None and len(hot) == 1 and weights[hot[0]] == 1.0 and hot[0] in self.adapter_names:
+            # At a one-hot w, r(w) = r_i: the MORL oracle is the adapter fine-tuned on r_i alone.
+            name = hot[0]
         if name is None:
             have = [k.split("|")[1] for k in self._oracles]
             raise ValueError(f"no MORL oracle adapter for w = {dict(weights)}; oracles loaded: {have}")
