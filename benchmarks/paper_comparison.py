@@ -170,7 +170,8 @@ def _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, w
         f"now, {stats.skipped} resumed from earlier records; {len(recs)} records in all). Machine: "
         f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}; timings are wall-clock "
         f"with whatever else ran on the machine, the NFE ratio is exact.", "",
-        f"- Model: the embedded digits model ({args.backend}), DDIM eta = 1, {steps} steps, CFG 2.0; prompts "
+        f"- Model: {'the embedded digits model, CFG 2.0' if args.backend == 'default' else 'the analytic toy'}, "
+        f"DDIM eta = 1, {steps} steps; prompts "
         f"{', '.join(prompts)} x seeds 0..{seeds - 1} ({len(prompts) * seeds} images per setting), paired noise.",
         f"- Pair: {pair[0]} (w = 0) vs {pair[1]} (w = 1), w in {ws}; r(w) = (1 - w) {pair[0]} + w {pair[1]}.",
         f"- MORL oracle: the shipped oracles at interior w; at w = 0 and 1 the single-reward adapter.",

@@ -108,3 +108,17 @@ def test_records_have_the_fields_and_costs(tmp_path):
     assert recs["base"]["nfe"] == 8 and recs["mpa"]["nfe"] == 16  # two active adapters at w = 0.5
     assert recs["code"]["nfe"] > 2 * recs["base"]["nfe"]
     assert all(r["seconds"] > 0 for r in recs.values())
+
+
+def test_sweep_cli_on_the_toy_resumes(tmp_path):
+    from diffblend.cli import main
+
+    out = tmp_path / "rec.jsonl"
+    argv = ["sweep", "--model", "toy", "--rewards", "right,up", "--weights", "0,1", "--methods", "base,mpa,kla",
+            "--lambdas", "0,2", "--kla-weights", "right=1,up=0", "--prompts", "a", "--seeds", "2", "--steps", "4",
+            "-o", str(out), "--no-progress"]
+    assert main(argv) == 0
+    n = len(read_records(out))
+    assert n == (1 + 2 + 2) * 2
+    assert main(argv) == 0 and len(read_records(out)) == n  # nothing twice
+    assert main(["sweep", "--model", "toy", "--rewards", "right", "-o", str(out)]) == 1  # not a pair

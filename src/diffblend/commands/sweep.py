@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         rgg=RGGConfig(kl_coeff=args.rgg_kl, grad_norm=None if args.rgg_norm == "none" else "rms",
                       tempering_gamma=args.rgg_gamma or None))
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
-    state = PartialState()
+    # cpu=True lets torchrun / accelerate launch start several CPU processes (gloo) when there is no GPU.
+    state = PartialState(cpu=args.device == "cpu")
     backend = build_backend(args)
     from pathlib import Path
 
