@@ -143,6 +143,15 @@ def _log_normal(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch
     return -0.5 * (maha + logdet + x.shape[-1] * math.log(2 * math.pi))
 
 
+def _score(x: torch.Tensor, means: torch.Tensor, log_norm: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+    """Mixture score at x (B, d): responsibilities from log_norm_k - 1/2 |x - mu_k|^2_{P_k}, then
+    sum_k gamma_k P_k (mu_k - x). Batched matmuls rather than einsum: this is the sampler's hot loop."""
+    diff = means[None] - x[:, None]  # (B, K, d)
+    pd = (prec[None] @ diff[..., None]).squeeze(-1)  # (B, K, d), P_k (mu_k - x)
+    gamma = torch.softmax(log_norm - 0.5 * (diff * pd).sum(-1), -1)  # (B, K)
+    return (gamma.unsqueeze(1) @ pd).squeeze(1)
+
+
 @dataclass(frozen=True)
 class Posterior:
     """p_pre(x0 | x_t) = sum_k gamma_k(x_t) N(x0; means[:, k], covs[k]) for a batch of x_t.
@@ -214,10 +223,12 @@ class GaussianMixture:
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """grad_x log p(x) = sum_k gamma_k(x) Sigma_k^{-1} (mu_k - x), (B, d)."""
-        x = x.to(_F64)
-        gamma = torch.softmax(self._log_joint(x), -1)  # (B, K)
-        grads = torch.einsum("kij,bkj->bki", torch.linalg.inv(self.covs), self.means[None] - x[:, None])
-        return (gamma[..., None] * grads).sum(1)
+        return _score(x.to(_F64), self.means, *self._score_parts())
+
+    def _score_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi_k - 1/2 log det Sigma_k, Sigma_k^{-1}): what :func:`_score` needs, (K,), (K, d, d)."""
+        prec = torch.linalg.inv(self.covs)
+        return self.weights.log() - 0.5 * torch.logdet(self.covs), prec
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples (n, d), from ``generator`` (component draw, then Gaussian noise)."""
@@ -257,12 +268,19 @@ class GaussianMixture:
         x_t's dtype.
         """
 
+        cache: dict[int, tuple] = {}  # timestep -> (sqrt(1 - a), noised means, score parts)
+
         def eps_fn(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
             t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
             out = torch.empty_like(x)
             for tv in t.unique().tolist():  # one closed-form marginal per distinct timestep
+                if tv not in cache:
+                    a = float(schedule.alpha_bar(tv))
+                    p_t = self.noised(a)
+                    cache[tv] = (math.sqrt(1 - a), p_t.means, *p_t._score_parts())
+                sb, means, log_norm, prec = cache[tv]
                 rows = t == tv
-                out[rows] = self.eps(x[rows], float(schedule.alpha_bar(tv))).to(x.dtype)
+                out[rows] = (-sb * _score(x[rows].to(_F64), means, log_norm, prec)).to(x.dtype)
             return out
 
         return eps_fn
