@@ -56,7 +56,7 @@ class BlendPipeline:
         pipe: a diffusers pipeline with a ``unet`` or ``transformer`` (the shared base).
         adapters: ``{name: path}`` of LoRA files / peft directories to load (see :meth:`load_adapter`).
             Adapters already on the denoiser (e.g. from ``pipe.load_lora_weights``) are kept and usable.
-        mode: "auto" (batched on CUDA, sequential elsewhere), "batched" or "sequential".
+        mode: "auto" (batched, or sequential for DoRA adapters), "batched" or "sequential".
         allow_pickle: accept pickle files (``.bin``, ``.ckpt``...) for adapters you trust.
         text_encoder: "refuse" (default) or "ignore" text-encoder LoRA components of adapter files.
     """
@@ -101,7 +101,7 @@ class BlendPipeline:
 
     @mode.setter
     def mode(self, value: str) -> None:
-        resolve_mode(value, torch.device("cpu"))
+        resolve_mode(value)
         self.blender.mode = value
 
     def load_adapter(self, name: str, path: str | Path, *, allow_pickle: bool | None = None,
@@ -166,8 +166,7 @@ class BlendPipeline:
         """
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
                                 normalize=normalize)
-        device = next(self.model.parameters()).device
-        self.blender.check(blend, resolve_mode(mode or self.blender.mode, device))
+        self.blender.check(blend, self.blender.resolve(blend, mode))
         if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe.scheduler, pipe_kwargs):
             warnings.warn(
                 f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM); with "

@@ -14,8 +14,9 @@ get the same LS draw. The maths is the core blend maths only (coefficients, comb
 Two execution modes give the same numbers:
   * ``"batched"``: one forward of K*B rows, row block k routed to model k (peft mixed batches);
   * ``"sequential"``: K forwards of B rows, switching the active adapter in between.
-``"auto"`` picks batched on CUDA (one larger batch uses the device better) and sequential on the
-CPU (no parallelism to gain, and the mixed-batch gathers cost extra).
+``"auto"`` picks batched (one larger batch uses the device better; on a CPU it was ~8% faster than
+sequential too, benchmarks/bench_cost.py), except for DoRA adapters, which peft cannot run in
+mixed batches: then sequential. Batched needs K times the activation memory of one forward.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ _NOT_BATCHED = frozenset({"img_ids", "txt_ids"})
 __all__ = ["MODES", "Blender", "resolve_mode"]
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """"auto" -> "batched" on CUDA, "sequential" elsewhere; other modes are returned as given."""
+def resolve_mode(mode: str, uses_dora: bool = False) -> str:
+    """"auto" -> "batched", or "sequential" when a DoRA adapter takes part; other modes as given."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "batched" if torch.device(device).type == "cuda" else "sequential"
+        return "sequential" if uses_dora else "batched"
     return mode
 
 
@@ -84,7 +85,7 @@ class Blender:
 
     def __init__(self, model: torch.nn.Module, mode: str = "auto"):
         _compat.check_versions()
-        resolve_mode(mode, torch.device("cpu"))  # validate now
+        resolve_mode(mode)  # validate now
         self.model = model
         self.mode = mode
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # drop self
@@ -97,6 +98,11 @@ class Blender:
         self.layers = _compat.lora_layers(self.model)
         self.adapter_names = _compat.adapters_on(self.layers)
         self.dora = _compat.dora_adapters(self.layers)
+
+    def resolve(self, blend: Blend | None, mode: str | None = None) -> str:
+        """The execution mode ("batched" / "sequential") this blend runs in."""
+        dora = blend is not None and any(n in self.dora for n, _ in blend.active())
+        return resolve_mode(mode or self.mode, dora)
 
     def check(self, blend: Blend | None, mode: str) -> None:
         """Refuse blends that cannot run on this model in this mode (named adapter and reason)."""
@@ -135,7 +141,7 @@ class Blender:
         B = x.shape[0]
         if B % groups:
             raise ValueError(f"batch of {B} rows is not {groups} stacked groups of samples")
-        mode = resolve_mode(mode or self.mode, x.device)
+        mode = self.resolve(blend, mode)
         self.check(blend, mode)
         if blend is None:
             with _compat.active(self.layers, None):
