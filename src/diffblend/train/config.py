@@ -33,12 +33,13 @@ class FinetuneConfig:
     samples_per_prompt: int = 4  # images per prompt (the group of the per-prompt advantage), >= 2
     num_steps: int = 20  # DDIM steps per rollout
     eta: float = 1.0  # DDIM eta (1 = stochastic, needed for log-probs of every step)
-    guidance_scale: float = 1.0  # classifier-free guidance scale of the rollouts (1 = none)
+    guidance_scale: float = 2.0  # CFG scale of the rollouts, as at inference (1 = none; 2 = the digits default)
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
     inner_epochs: int = 1  # passes over each epoch's rollouts
     minibatch_size: int = 8  # trajectories per optimizer step
     timestep_fraction: float = 1.0  # fraction of the num_steps transitions trained per trajectory, (0, 1]
     clip_range: float = 1e-4  # PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)
+    step_weighting: str = "pred"  # "pred": scale step t's PG loss by sigma_t / |d mean / d pred| (prediction units); "none": plain DDPO
     adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max], in reward std units
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
@@ -74,6 +75,7 @@ class FinetuneConfig:
         need(self.guidance_scale >= 0, "guidance_scale", ">= 0")
         need(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", "in (0, 1]")
         need(self.clip_range > 0, "clip_range", "> 0")
+        need(self.step_weighting in ("pred", "none"), "step_weighting", "'pred' or 'none'")
         need(self.adv_clip_max > 0, "adv_clip_max", "> 0")
         need(self.lr > 0, "lr", "> 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")

@@ -21,7 +21,7 @@ import torch
 from diffblend.core import cfg_denoiser, ddim_step, randn, sample
 
 __all__ = ["Rollouts", "rollout", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
-           "transition_kl"]
+           "transition_kl", "step_weight"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,6 +113,26 @@ def evaluate_transition(denoiser: Denoiser, policy, x_t: torch.Tensor, t: torch.
     return step, eps
 
 
+def step_weight(schedule, t: torch.Tensor, prev_t: torch.Tensor, eta: float = 1.0) -> float:
+    """w_t = sigma_t / |d mean / d pred|: rescales step t's policy gradient to prediction units.
+
+    The score-function gradient of one DDIM step is ((x_prev - mean) / sigma_t^2) * (d mean / d pred)
+    * (d pred / d theta) = (z / sigma_t) * k_t * (d pred / d theta), z ~ N(0, I), k_t the (scalar)
+    derivative of the step mean in the prediction. k_t / sigma_t varies by orders of magnitude
+    over the schedule (about 1600 at t = 999 of a cosine schedule with alpha_bar_999 ~ 2e-9,
+    about 1 in the middle), so one step's noise would drown every other step's signal. Multiplying
+    step t's loss by w_t = sigma_t / |k_t| (a positive constant per step: each step's gradient keeps
+    its direction) makes every step contribute z * (d pred / d theta), on the scale of DPOK's KL
+    term ||eps_theta - eps_pre||^2. Returns 0 for a deterministic step (sigma_t = 0).
+    """
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    at = lambda pred: ddim_step(pred, t, x, schedule, prev_t, eta, noise=torch.zeros_like(x))  # noqa: E731
+    zero, one = at(torch.zeros_like(x)), at(torch.ones_like(x))
+    k = (one.mean - zero.mean).abs().item()  # the mean is affine in pred at fixed x_t
+    sigma = float(torch.as_tensor(zero.std).flatten()[0])
+    return sigma / k if sigma > 0 and k > 0 else 0.0
+
+
 def transition_kl(mean: torch.Tensor, mean_pre: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, std^2) || N(mean_pre, std^2)) per sample, in nats; (B,). Dimensions with std = 0 give 0."""
     std = std.expand_as(mean)
@@ -122,13 +142,15 @@ def transition_kl(mean: torch.Tensor, mean_pre: torch.Tensor, std: torch.Tensor)
 
 
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-             clip_range: float, adv_clip_max: float = float("inf")) -> tuple[torch.Tensor, dict]:
+             clip_range: float, adv_clip_max: float = float("inf"), weight: float = 1.0
+             ) -> tuple[torch.Tensor, dict]:
     """PPO-clipped policy-gradient loss, mean over the batch (DDPO's, Black et al. 2023).
 
     Args:
         log_prob: (B,) under the current policy (with grad). old_log_prob: (B,) as sampled.
         advantages: (B,), clipped to [-adv_clip_max, adv_clip_max].
         clip_range: epsilon of the clip of the ratio rho to [1 - eps, 1 + eps].
+        weight: a positive per-step scale (see :func:`step_weight`); 1 = plain DDPO.
 
     Returns:
         (loss, stats) with stats ``clipfrac`` (share of clipped ratios) and ``approx_kl``
@@ -139,7 +161,7 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = weight * torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
         stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item(),
                  "approx_kl": (0.5 * log_ratio**2).mean().item()}

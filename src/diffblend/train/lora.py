@@ -50,8 +50,11 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, lora_alpha: float | None = No
     if not alpha > 0:
         raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
-                                target_modules=list(target_modules)))
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                    target_modules=list(target_modules)))
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"target_modules {list(target_modules)} do not match the model: {exc}") from None
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if ".lora_A." in name:  # same law as peft's init, but from our generator

@@ -67,26 +67,40 @@ def weighted_reward(parts: Mapping[str, tuple[float, RewardFn]]) -> RewardFn:
     return fn
 
 
-def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = None) -> RewardFn:
-    """The reward function for ``spec`` (a name, or NAME=W,... for a weighted reward).
+def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = None,
+                   device: str | torch.device = "cpu") -> RewardFn:
+    """The reward function for ``spec`` (a name, or NAME=W,... for a weighted reward r(w)).
 
     Args:
-        spec: see :func:`parse_reward_spec`.
-        get_reward: name -> reward function; default ``diffblend.rewards.get_reward``.
+        spec: a reward name (aliases allowed) or NAME=W,... with w >= 0 summing to 1.
+        get_reward: name -> reward function (tests inject stand-ins); default: the
+            ``diffblend.rewards`` registry, whose names and aliases are canonicalised and whose
+            weighted reward reports each component in ``info["components"]``.
+        device: where the registry's reward models run.
 
     Raises:
-        ValueError: malformed spec, or an unknown name (listing the known ones when it can).
+        ValueError: malformed spec, weights that do not sum to 1, or an unknown name (listing the
+            known ones).
     """
-    weights = parse_reward_spec(spec)
-    if get_reward is None:
-        from diffblend.rewards import get_reward  # the registry; imported late (heavy factories)
-    fns = {}
-    for name in weights:
-        try:
-            fns[name] = get_reward(name)
-        except KeyError as exc:
-            raise ValueError(f"unknown reward {name!r}: {exc.args[0] if exc.args else ''}".rstrip(": ")) from None
-    if len(weights) == 1:
-        (name,) = weights
-        return fns[name]
-    return weighted_reward({n: (w, fns[n]) for n, w in weights.items()})
+    if get_reward is not None:
+        weights = parse_reward_spec(spec)
+        fns = {}
+        for name in weights:
+            try:
+                fns[name] = get_reward(name)
+            except KeyError as exc:
+                raise ValueError(f"unknown reward {name!r}" + (f": {exc.args[0]}" if exc.args else "")) from None
+        if len(weights) == 1:
+            return fns[next(iter(weights))]
+        return weighted_reward({n: (w, fns[n]) for n, w in weights.items()})
+
+    from diffblend import rewards  # the registry; its factories import their models lazily
+
+    parse_reward_spec(spec)  # the same form checks and the sum-to-1 rule for every spec
+    try:
+        if "=" in spec:
+            weights = rewards.parse_reward_weights(spec)
+            return rewards.weighted_reward(weights, device=device)
+        return rewards.get_reward(spec.strip(), device=device)
+    except KeyError as exc:  # UnknownRewardError lists the allowed names
+        raise ValueError(str(exc)) from None

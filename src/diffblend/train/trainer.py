@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import FinetuneConfig
-from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, transition_kl
+from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight, transition_kl
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
 from .reward import RewardFn, resolve_reward
@@ -70,6 +70,18 @@ def _write_jsonl_prefix(path: Path, keep_epochs: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
+
+
+def _flat_info(info: dict | None, prefix: str = "") -> dict:
+    """Flatten a reward's info (a weighted reward nests ``{"components": {name: scores}}``)."""
+    out = {}
+    for k, v in (info or {}).items():
+        key = k if k != "components" else ""
+        if isinstance(v, dict):
+            out.update(_flat_info(v, f"{prefix}{key}/" if key else prefix))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_policy(model: str | None, device: torch.device | str) -> DiffusionPolicy:
@@ -137,7 +149,8 @@ def finetune(
         raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
                          f"or choose a new run dir")
 
-    reward_fn = reward_fn or resolve_reward(cfg.reward)  # before the model: fail fast on a bad name
+    # before the model: fail fast on a bad name
+    reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
     policy = policy or load_policy(cfg.model, acc.device)
     unet = policy.unet.to(acc.device)
     add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
@@ -186,7 +199,7 @@ def finetune(
         row = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                **{k: acc.gather(torch.tensor([v], device=acc.device)).mean().item() for k, v in stats.items()},
                "seconds": time.perf_counter() - t0}
-        for k, v in (info or {}).items():
+        for k, v in _flat_info(info).items():
             if isinstance(v, torch.Tensor) and v.numel() == rewards.numel():
                 row[f"{k}_mean"] = acc.gather(v.float().reshape(-1).to(acc.device)).mean().item()
         rows.append(row)
@@ -220,6 +233,9 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     """
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
     ts = ro.timesteps
+    prev_ts = [ts[i + 1] if i + 1 < N else torch.tensor(-1) for i in range(N)]
+    weights = [step_weight(policy.schedule, ts[i], prev_ts[i], cfg.eta) if cfg.step_weighting == "pred" else 1.0
+               for i in range(N)]
     train_model, plain_model = unet_denoiser(ddp_unet), unet_denoiser(unet)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -234,8 +250,7 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
             rows = perm[start:start + cfg.minibatch_size].to(ro.cond.device)
             steps = torch.randperm(N, generator=gen)[:n_train].tolist()
             for k, i in enumerate(steps):
-                t = ts[i]
-                prev_t = ts[i + 1] if i + 1 < N else torch.tensor(-1)
+                t, prev_t = ts[i], prev_ts[i]
                 x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
                 cond = ro.cond[rows]
                 with torch.no_grad(), base_model(unet):
@@ -245,7 +260,7 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
                 with sync:
                     cur, eps = evaluate_transition(train_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
                     pg, st = ppo_loss(cur.log_prob, ro.log_probs[i][rows], adv[rows], cfg.clip_range,
-                                      cfg.adv_clip_max)
+                                      cfg.adv_clip_max, weights[i])
                     kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
                     loss = pg + cfg.kl * kl_eps
                     acc.backward(loss / len(steps))
