@@ -53,6 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="RGG with a reward without gradient: guide with the other terms, or refuse")
     p.add_argument("--save-images", action="store_true", help="save every image as PNG next to the records")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p

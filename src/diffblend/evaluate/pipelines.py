@@ -35,8 +35,11 @@ __all__ = ["DiffusersBackend", "oracle_adapter_name"]
 
 
 def oracle_adapter_name(weights: Mapping[str, float]) -> str:
-    """The adapter name under which the MORL oracle for w is loaded, e.g. ``morl[a=0.5,b=0.5]``."""
-    return "morl[" + setting_key("morl", weights, None).split("|")[1] + "]"
+    """The adapter name under which the MORL oracle for w is loaded: ``morl_`` + a digest of w
+    (peft module names allow no '.', so the weights cannot be spelled out)."""
+    import hashlib
+
+    return "morl_" + hashlib.sha1(setting_key("morl", weights, None).encode()).hexdigest()[:10]
 
 
 class DiffusersBackend(Backend):
