@@ -85,18 +85,11 @@ def _flat_info(info: dict | None, prefix: str = "") -> dict:
 
 
 def load_policy(model: str | None, device: torch.device | str) -> DiffusionPolicy:
-    """The policy for ``model``: a diffusers pipeline folder, or None for the embedded digits model."""
-    if model is None:
-        from diffblend.zoo import load_default_pipeline  # the embedded default (zoo)
+    """The policy for ``model``: a diffusers pipeline folder (hub ids need network access), or None
+    for the embedded digits model. Loading goes through the same loader as ``diffblend generate``."""
+    from diffblend.zoo.generate import load_pipeline  # lazy: the trainer itself needs no zoo
 
-        pipe = load_default_pipeline()
-    else:
-        if not Path(model).exists():
-            raise FileNotFoundError(f"model {model!r}: no such folder (pass a diffusers pipeline folder)")
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model)
-    return DiffusionPolicy.from_pipeline(pipe, device=device)
+    return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device)
 
 
 def finetune(
