@@ -23,6 +23,7 @@ code: the blend of velocity predictions is the same linear combination.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,13 +40,25 @@ from .core.sampling import Denoiser
 __all__ = ["BlendPipeline", "blend_denoiser", "AdapterError"]
 
 
-def _is_stochastic(scheduler: Any, call_kwargs: Mapping[str, Any]) -> bool:
+def _eta(pipe: Any, call_kwargs: Mapping[str, Any]) -> float:
+    """The DDIM eta of this call: given, else the pipeline's own default (SD: 0, the zoo model: 1)."""
+    if "eta" in call_kwargs:
+        return float(call_kwargs["eta"])
+    try:
+        default = inspect.signature(pipe.__call__).parameters["eta"].default
+    except (AttributeError, KeyError, TypeError, ValueError):  # not a callable with an eta argument
+        return 0.0
+    return float(default) if isinstance(default, (int, float)) else 0.0
+
+
+def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
     """Whether the pipeline's sampler injects fresh noise at every step (LS needs it, Prop. 2)."""
+    scheduler = getattr(pipe, "scheduler", None)
     name = type(scheduler).__name__
     if "DDPM" in name or "Ancestral" in name or "SDE" in name:
         return True
     if name.startswith("DDIM"):
-        return float(call_kwargs.get("eta", 0.0)) > 0
+        return _eta(pipe, call_kwargs) > 0
     return bool(getattr(getattr(scheduler, "config", None), "stochastic_sampling", False))
 
 
@@ -167,10 +180,10 @@ class BlendPipeline:
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
                                 normalize=normalize)
         self.blender.check(blend, self.blender.resolve(blend, mode))
-        if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe.scheduler, pipe_kwargs):
+        if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe, pipe_kwargs):
             warnings.warn(
                 f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM); with "
-                f"{type(self.pipe.scheduler).__name__} (eta={pipe_kwargs.get('eta', 0.0)}) it is a heuristic",
-                stacklevel=2)
+                f"{type(getattr(self.pipe, 'scheduler', None)).__name__} (eta={_eta(self.pipe, pipe_kwargs)}) it "
+                f"is a randomised heuristic", stacklevel=2)
         with self.attached(blend, mode):
             return self.pipe(*args, **pipe_kwargs)
