@@ -131,9 +131,12 @@ def main(argv=None) -> int:
             run_sweep(backend, gsets, prompts[:2], [0], gpath, options=options, batch_size=2,
                       images_dir=Path(tmp) / "img", progress=False, warmup=False)
             grid_png = plots.plot_image_grid(read_records(gpath), tmp, data / "grid.png", pair, methods)
+    costs = measure_costs(backend, [m for m in methods if m != "base"], {pair[0]: 0.5, pair[1]: 0.5}, prompts,
+                          options, repeats=1 if args.quick else 3)
+    (data / "costs.json").write_text(json.dumps(costs, indent=1) + "\n")
     wall = time.time() - t_start
     recs = read_records(records)
-    intro = _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, wall, recs)
+    intro = _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, wall, recs, costs)
     text = build_report(recs, data, title="The paper's comparison on the embedded default", root=data, intro=intro)
     if grid_png is not None:
         text += f"\n## Samples across w\n\nTwo prompts, seed 0, same noise along each row.\n\n![grid]({grid_png.name})\n"
@@ -142,30 +145,54 @@ def main(argv=None) -> int:
     tmp.write_text(text.replace("](", "](").rstrip() + "\n")
     os.replace(tmp, md)
     print(f"wrote {md} ({wall:.0f} s)")
-    print(_headline(recs, pair))
+    print(_headline(recs, pair, costs))
     return 0
 
 
-def _headline(recs, pair) -> str:
+def measure_costs(backend, methods, w, prompts, options, repeats: int = 3) -> dict[str, float]:
+    """Seconds per image at w, round robin over the methods (base first in every round), median over
+    rounds, so slow drifts in the machine's load hit every method alike. Returns ratios to the base."""
+    from diffblend.evaluate.methods import Setting, generate
+
+    settings = {"base": Setting.make("base")}
+    for m in methods:
+        settings[m] = Setting.make(m, w, 1.0 if m in ("mpa", "ls", "soup") else None)
+    times: dict[str, list[float]] = {m: [] for m in settings}
+    seeds = [10_000 + i for i in range(len(prompts))]  # not the sweep's seeds; timing only
+    generate(backend, settings["base"], prompts[:1], seeds[:1], options)  # warm-up
+    for _ in range(repeats):
+        for m, st in settings.items():
+            t0 = time.perf_counter()
+            generate(backend, st, prompts, seeds, options)
+            times[m].append((time.perf_counter() - t0) / len(prompts))
+    med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    return {"seconds_per_image": med, "ratio": {m: med[m] / med["base"] for m in med}, "rounds": repeats,
+            "batch": len(prompts)}
+
+
+def _headline(recs, pair, costs=None) -> str:
     w = {pair[0]: 0.5, pair[1]: 0.5}
     ms = ["base", "soup", "code", "rgg", "mpa", "ls", "morl"]
     have = {r["method"] for r in recs}
     g = oracle_gain(recs, [m for m in ms if m in have and m not in ("base", "morl")], w) if "morl" in have else {}
     bs, bn = _seconds(recs, "base", None), _nfe(recs, "base", None)
     lines = [f"Headline at w = 0.5 ({pair[0]} / {pair[1]}):",
-             f"{'method':<11}{'r(w)':>16}{'oracle frac':>13}{'time x':>8}{'NFE x':>7}{'paper r(w)':>12}"]
+             f"{'method':<11}{'r(w)':>16}{'oracle frac':>13}{'time x':>8}{'rr x':>7}{'NFE x':>7}{'paper r(w)':>12}"]
     for m in ms:
         if m not in have:
             continue
         mean, half, _ = _mean_weighted(recs, m, w)
         frac = 0.0 if m == "base" else (1.0 if m == "morl" else g.get(m, {}).get("fraction", float("nan")))
         paper = PAPER.get(m)
+        rr = (costs or {}).get("ratio", {}).get(m, float("nan"))
         lines.append(f"{LABEL[m]:<11}{mean:>9.3f} ± {half:<5.3f}{frac:>12.2f}{_seconds(recs, m, w) / bs:>8.2f}"
-                     f"{_nfe(recs, m, w) / bn:>7.2f}{'' if paper is None else f'{paper:>12.2f}'}")
+                     f"{rr:>7.2f}{_nfe(recs, m, w) / bn:>7.2f}{'' if paper is None else f'{paper:>12.2f}'}")
+    lines.append("time x: seconds per image in the sweep / base; rr x: the same, timed round robin at w = 0.5 "
+                 "(median of rounds, more robust to load drift); NFE x: denoiser evaluations per image / base.")
     return "\n".join(lines)
 
 
-def _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, wall, recs) -> str:
+def _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, wall, recs, costs) -> str:
     cmd = "python benchmarks/paper_comparison.py" + (" --quick" if args.quick else "") + (
         f" --backend {args.backend}" if args.backend != "default" else "")
     return "\n".join([
@@ -187,7 +214,7 @@ def _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, w
         "- Paper anchor (SD 1.5, Short-DrawBench, ImageReward + VILA, w = 0.5): base -0.04, RS 0.11, CoDe 0.22, "
         "RGG 0.32, DB-MPA 0.42, MORL 0.46; cost DB-MPA 2.03x, LS 1.03x. Different model and rewards: compare "
         "orderings and oracle fractions, not values.",
-        "", "```", _headline(recs, pair), "```",
+        "", "```", _headline(recs, pair, costs), "```",
     ])
 
 
