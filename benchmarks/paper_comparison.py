@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--pair", default="", help="the conflicting pair R1,R2 (default: the pair of the shipped MORL oracles)")
     p.add_argument("--third", default="", help="the third reward of the three-reward run (default: the remaining one)")
     p.add_argument("--prompts", default="0,1,2,3,4,5,6,7,8,9")
-    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (images per setting = prompts x seeds)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (images per setting = prompts x seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=10)
