@@ -145,9 +145,10 @@ def _log_normal(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch
 
 def _score(x: torch.Tensor, means: torch.Tensor, log_norm: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
     """Mixture score at x (B, d): responsibilities from log_norm_k - 1/2 |x - mu_k|^2_{P_k}, then
-    sum_k gamma_k P_k (mu_k - x). Batched matmuls rather than einsum: this is the sampler's hot loop."""
-    diff = means[None] - x[:, None]  # (B, K, d)
-    pd = (prec[None] @ diff[..., None]).squeeze(-1)  # (B, K, d), P_k (mu_k - x)
+    sum_k gamma_k P_k (mu_k - x). The parameters are shared, (K, d), (K,), (K, d, d), or per row
+    with a leading batch dimension of B or 1. Batched matmuls: this is the sampler's hot loop."""
+    diff = means - x[:, None]  # (B, K, d)
+    pd = (prec @ diff[..., None]).squeeze(-1)  # (B, K, d), P_k (mu_k - x)
     gamma = torch.softmax(log_norm - 0.5 * (diff * pd).sum(-1), -1)  # (B, K)
     return (gamma.unsqueeze(1) @ pd).squeeze(1)
 
@@ -227,8 +228,17 @@ class GaussianMixture:
 
     def _score_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi_k - 1/2 log det Sigma_k, Sigma_k^{-1}): what :func:`_score` needs, (K,), (K, d, d)."""
-        prec = torch.linalg.inv(self.covs)
-        return self.weights.log() - 0.5 * torch.logdet(self.covs), prec
+        return self.weights.log() - 0.5 * torch.logdet(self.covs), torch.linalg.inv(self.covs)
+
+    def _marginal_parts(self, alpha_bars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """sqrt(1 - a), means, log_norm and precisions of p_t for a batch of alpha_bars (T,).
+
+        One batched inversion for a whole schedule, so the sampler's loop does no linear algebra.
+        """
+        a = alpha_bars.to(_F64)[:, None, None, None]  # (T, 1, 1, 1)
+        covs = a * self.covs + (1 - a) * torch.eye(self.dim, dtype=_F64)  # (T, K, d, d)
+        log_norm = self.weights.log() - 0.5 * torch.logdet(covs)  # (T, K)
+        return (1 - alpha_bars.to(_F64)).sqrt(), a[..., 0].sqrt() * self.means, log_norm, torch.linalg.inv(covs)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples (n, d), from ``generator`` (component draw, then Gaussian noise)."""
@@ -268,20 +278,17 @@ class GaussianMixture:
         x_t's dtype.
         """
 
-        cache: dict[int, tuple] = {}  # timestep -> (sqrt(1 - a), noised means, score parts)
+        parts: list[tuple] = []  # filled on the first call: every timestep's marginal at once
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-            t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
-            out = torch.empty_like(x)
-            for tv in t.unique().tolist():  # one closed-form marginal per distinct timestep
-                if tv not in cache:
-                    a = float(schedule.alpha_bar(tv))
-                    p_t = self.noised(a)
-                    cache[tv] = (math.sqrt(1 - a), p_t.means, *p_t._score_parts())
-                sb, means, log_norm, prec = cache[tv]
-                rows = t == tv
-                out[rows] = (-sb * _score(x[rows].to(_F64), means, log_norm, prec)).to(x.dtype)
-            return out
+            if not parts:
+                parts.append(self._marginal_parts(schedule.alphas_cumprod.to(_F64)))
+            sb, means, log_norm, prec = parts[0]  # (T,), (T, K, d), (T, K), (T, K, d, d)
+            t = torch.as_tensor(t, device="cpu").reshape(-1).expand(x.shape[0]).long()
+            if bool((t == t[0]).all()):  # the usual case: one timestep for the whole batch
+                t = t[:1]
+            score = _score(x.detach().cpu().to(_F64), means[t], log_norm[t], prec[t])
+            return (-sb[t, None] * score).to(device=x.device, dtype=x.dtype)
 
         return eps_fn
 
