@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--output-dir", default="toy_out", help="folder for toy.json and toy.png (default: toy_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default: 0)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per setting (default: 2000; quick: 500)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps over 1000 timesteps (default: 100; quick: 50)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per setting (default: 4000; quick: 500)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps over 1000 timesteps (default: 200; quick: 50)")
     p.add_argument("--alpha", type=float, default=1.0, help="KL weight of the per-reward aligned models (default: 1)")
     p.add_argument("--quick", action="store_true", help="a small grid and fewer samples (a few seconds)")
     p.add_argument("--threads", type=int, default=1,
