@@ -286,3 +286,14 @@ def test_zoo_pipeline_works_unchanged(tmp_path):
                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
     torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=0)
     assert (seq - plain).abs().max() > 1e-2
+
+
+def test_auto_mode_choice():
+    from diffblend.adapters import resolve_mode
+
+    assert resolve_mode("auto", "cuda") == "batched"
+    assert resolve_mode("auto", "cpu") == "sequential"
+    assert resolve_mode("auto", "cuda", uses_dora=True) == "sequential"
+    assert resolve_mode("batched", "cpu") == "batched"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        resolve_mode("fast")

@@ -14,9 +14,10 @@ get the same LS draw. The maths is the core blend maths only (coefficients, comb
 Two execution modes give the same numbers:
   * ``"batched"``: one forward of K*B rows, row block k routed to model k (peft mixed batches);
   * ``"sequential"``: K forwards of B rows, switching the active adapter in between.
-``"auto"`` picks batched (one larger batch uses the device better; on a CPU it was ~8% faster than
-sequential too, benchmarks/bench_cost.py), except for DoRA adapters, which peft cannot run in
-mixed batches: then sequential. Batched needs K times the activation memory of one forward.
+``"auto"`` picks batched on CUDA (one larger batch uses the device better) and sequential elsewhere
+(on a shared 2-core CPU the two were within the timing noise of benchmarks/bench_cost.py, and
+batched needs K times the activation memory); DoRA adapters, which peft cannot run in mixed
+batches, always run sequentially under "auto".
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ _NOT_BATCHED = frozenset({"img_ids", "txt_ids"})
 __all__ = ["MODES", "Blender", "resolve_mode"]
 
 
-def resolve_mode(mode: str, uses_dora: bool = False) -> str:
-    """"auto" -> "batched", or "sequential" when a DoRA adapter takes part; other modes as given."""
+def resolve_mode(mode: str, device: torch.device | str = "cpu", uses_dora: bool = False) -> str:
+    """"auto" -> "batched" on CUDA, else "sequential" (always with DoRA); other modes as given."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "sequential" if uses_dora else "batched"
+        return "batched" if torch.device(device).type == "cuda" and not uses_dora else "sequential"
     return mode
 
 
@@ -100,9 +101,10 @@ class Blender:
         self.dora = _compat.dora_adapters(self.layers)
 
     def resolve(self, blend: Blend | None, mode: str | None = None) -> str:
-        """The execution mode ("batched" / "sequential") this blend runs in."""
+        """The execution mode ("batched" / "sequential") this blend runs in on the model's device."""
         dora = blend is not None and any(n in self.dora for n, _ in blend.active())
-        return resolve_mode(mode or self.mode, dora)
+        device = next(self.model.parameters()).device
+        return resolve_mode(mode or self.mode, device, dora)
 
     def check(self, blend: Blend | None, mode: str) -> None:
         """Refuse blends that cannot run on this model in this mode (named adapter and reason)."""
