@@ -297,3 +297,23 @@ def test_auto_mode_choice():
     assert resolve_mode("batched", "cpu") == "batched"
     with pytest.raises(ValueError, match="mode must be one of"):
         resolve_mode("fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batched_equals_sequential_and_ls_reproducible(files, tmp_path):
+    """On CUDA ("auto" = batched): the same numbers as sequential, LS draws the same per seed.
+    Tolerance 1e-3: TF32 / cuBLAS kernels differ with the batch size (K*B vs B rows)."""
+    bp = BlendPipeline(tiny_sd(tmp_path).to("cuda"), {n: files[n] for n in NAMES})
+    kw = dict(prompt=["a cat", "a dog"], num_inference_steps=3, guidance_scale=4.0, eta=1.0, height=16, width=16,
+              output_type="latent", latents=torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)))
+
+    def run(**blend):
+        return bp(**kw, generator=torch.Generator("cuda").manual_seed(1), **blend).images
+
+    w = {"aes": 0.2, "txt": 0.3, "cmp": 0.5}
+    torch.testing.assert_close(run(weights=w, kl_strength=0.7), run(weights=w, kl_strength=0.7, mode="sequential"),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(run(weights=w, method="ls"), run(weights=w, method="ls"), atol=0, rtol=0)
+    torch.testing.assert_close(run(weights=w, method="ls"), run(weights=w, method="ls", mode="sequential"),
+                               atol=1e-3, rtol=0)
