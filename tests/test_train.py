@@ -430,3 +430,18 @@ def test_config_validation_names_the_field():
             small_cfg(**kw)
     with pytest.raises(ValueError, match="unknown field"):
         FinetuneConfig.from_dict({"reward": "a", "bogus": 1})
+
+
+def test_evaluate_adapters_pairs_the_noise_and_reports_kl(tmp_path):
+    from diffblend.train.evaluate import evaluate_adapters
+
+    trained = lora_policy(b_std=0.1)
+    zero = lora_policy(b_std=0.0)
+    files = {"trained": save_lora(trained.unet, tmp_path / "t.safetensors"),
+             "zero": save_lora(zero.unet, tmp_path / "z.safetensors")}
+    res = evaluate_adapters(tiny_policy(), files, rewards=("boldness",), prompts=("a", "b"), per_prompt=2,
+                            num_steps=4, guidance_scale=1.0)
+    assert set(res) == {"base", "trained", "zero"}
+    # the zero update is the base: the same images (paired noise) and KL 0
+    assert res["zero"]["boldness"] == res["base"]["boldness"] and res["zero"]["kl_path"] == 0.0
+    assert res["trained"]["kl_path"] > 0 and res["trained"]["boldness"] != res["base"]["boldness"]
