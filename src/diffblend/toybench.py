@@ -208,6 +208,8 @@ def _settings(cfg: ToyConfig, names: list[str]) -> list[dict]:
 
 
 def _run_setting(problem: ToyProblem, cfg: ToyConfig, s: dict, mpa_samples: dict) -> tuple[dict, torch.Tensor]:
+    """Sample one setting with core.blend_denoisers + core.sample and measure it against its exact
+    target; returns (record row, samples (N, d)). ``mpa_samples`` pairs each LS row with its MPA row."""
     names = list(problem.rewards)
     weights = {n: s["weights"].get(n, 0.0) for n in names}
     lam, alpha, N = s["kl_strength"], s["alpha"], cfg.num_samples
@@ -217,8 +219,8 @@ def _run_setting(problem: ToyProblem, cfg: ToyConfig, s: dict, mpa_samples: dict
     for n in blend.names:  # the exact "fine-tuned" model of each reward, at this alpha
         if blend.weights[blend.names.index(n)] > 0:
             denoisers[n] = problem.base.tilt(problem.rewards[n], alpha).denoiser(sched)
-    # MPA and LS use different noise, so their samples are independent and the exact-vs-exact
-    # floor is the right yardstick for LS vs MPA too; every setting of one method reuses its noise.
+    # MPA and LS use different noise, so their samples are independent and ED(LS, MPA) has the
+    # usual null floor; every setting of one method reuses its noise (paired across w and lambda).
     gen = _gen(cfg.seed * 1000 + (1 if s["method"] == "ls" else 0))
     x = randn((N, problem.base.dim), gen, dtype=torch.float64)
     ts = sched.timesteps(cfg.steps)
