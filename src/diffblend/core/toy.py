@@ -287,7 +287,7 @@ class GaussianMixture:
             t = torch.as_tensor(t, device="cpu").reshape(-1).expand(x.shape[0]).long()
             if bool((t == t[0]).all()):  # the usual case: one timestep for the whole batch
                 t = t[:1]
-            score = _score(x.detach().cpu().to(_F64), means[t], log_norm[t], prec[t])
+            score = _score(x.cpu().to(_F64), means[t], log_norm[t], prec[t])  # differentiable in x
             return (-sb[t, None] * score).to(device=x.device, dtype=x.dtype)
 
         return eps_fn
