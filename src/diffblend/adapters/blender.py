@@ -156,6 +156,9 @@ class Blender:
         if blend.method == "ls":
             draw = ls_choices(blend.coefficients(), blend.seed, step_key(call.get("timestep", 0)), B // groups)
             per_row = draw.repeat(groups)  # row r is sample r % (B // G)
+            if bool((per_row == per_row[0]).all()):  # one model for all rows (always when B = 1):
+                with _compat.active(self.layers, names[int(per_row[0])]):  # no per-row gathers
+                    return forward(**call)
             if mode == "batched":
                 with _compat.route(self.layers, [names[k] for k in per_row.tolist()]):
                     return forward(**call)
