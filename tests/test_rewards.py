@@ -130,3 +130,21 @@ def test_register_reward_refuses_duplicates_and_bad_names():
         register_reward("legibility", "dup")(lambda device="cpu": None)
     with pytest.raises(ValueError):
         register_reward("a=b", "bad")(lambda device="cpu": None)
+
+
+def test_correlations_match_scipy_and_detect_conflict():
+    from scipy import stats
+
+    from diffblend.rewards.analysis import reward_correlations
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, generator=g)
+    b = -a + 0.5 * torch.randn(200, generator=g)
+    c = torch.randint(0, 5, (200,), generator=g).float()  # ties
+    rows = {(r["a"], r["b"]): r for r in reward_correlations({"a": a, "b": b, "c": c}, groups=["p"] * 200)}
+    assert rows[("a", "b")]["pearson"] < -0.8  # built to conflict
+    for (x, y), r in rows.items():
+        vx, vy = ({"a": a, "b": b, "c": c}[k].double().numpy() for k in (x, y))  # scipy in float64
+        assert abs(r["pearson"] - stats.pearsonr(vx, vy)[0]) < 1e-9
+        assert abs(r["spearman"] - stats.spearmanr(vx, vy)[0]) < 1e-9
+        assert abs(r["pearson_within"] - r["pearson"]) < 1e-9  # a single group: centring changes nothing

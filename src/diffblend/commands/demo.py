@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         pair = tuple(p.strip() for p in args.pair.split(","))
         if len(pair) != 2:
             raise ValueError(f"--pair must name two adapters R1,R2, got {args.pair!r}")
-        pair = tuple(resolve_weight_names({p: 0.5}, names) for p in pair)
+        pair = tuple(resolve_weight_names({p: 0.5}, names, arg="--pair") for p in pair)
         pair = tuple(next(iter(d)) for d in pair)
     if len(pair) != 2:
         raise ValueError(f"the demo needs two adapters, but {len(names)} are loaded ({', '.join(names) or 'none'}); "

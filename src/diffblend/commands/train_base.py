@@ -12,7 +12,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "Writes RUN_DIR/config.json, metrics.jsonl, checkpoint.pt, pipeline/ (save_pretrained) and "
                     "eval.json (classifier accuracy on generated digits). Defaults reproduce the shipped model.")
     p.add_argument("run_dir", help="output run directory")
-    p.add_argument("--steps", type=int, default=700, help="optimizer steps (default 700)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")

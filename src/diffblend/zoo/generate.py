@@ -78,7 +78,8 @@ def load_blend_pipeline(model: str | None = None, adapters: Mapping[str, str | P
     return BlendPipeline(pipe, adapters=dict(adapters), mode=mode)
 
 
-def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[str]) -> dict[str, float]:
+def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[str],
+                         arg: str = "--weights") -> dict[str, float]:
     """Map weight names to adapter names: exact names first, then reward aliases (``compressibility`` ->
     ``jpeg_compressibility``), so ``--weights`` may use either.
 
@@ -97,9 +98,9 @@ def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[s
                 target = name
         if target not in adapter_names:
             avail = ", ".join(adapter_names) if adapter_names else "none (pass --adapter NAME=PATH)"
-            raise ValueError(f"--weights names {name!r}, which is not a loaded adapter; adapters: {avail}")
+            raise ValueError(f"{arg} names {name!r}, which is not a loaded adapter; adapters: {avail}")
         if target in out:
-            raise ValueError(f"--weights names adapter {target!r} twice")
+            raise ValueError(f"{arg} names adapter {target!r} twice")
         out[target] = float(w)
     return out
 

@@ -1,0 +1,127 @@
+"""The CLI end to end on the shipped weights (fast settings): train-base, generate, demo, errors."""
+
+import json
+
+import pytest
+import torch
+
+from diffblend.cli import main
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two small LoRA adapters for the shipped base (random B, so they differ), saved by diffusers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffblend.zoo import load_default_pipeline
+    from diffblend.zoo.pipeline import DigitsPipeline
+
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = {}
+    for k, name in enumerate(("ta", "tb")):
+        pipe = load_default_pipeline()
+        pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        DigitsPipeline.save_lora_weights(folder / name, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+        paths[name] = folder / name / "pytorch_lora_weights.safetensors"
+    return paths
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size, im.mode
+
+
+def test_generate_base_and_blend(tmp_path, adapters, capsys):
+    out = tmp_path / "base.png"
+    assert main(["generate", "--prompt", "7", "--num-images", "2", "--steps", "3", "-o", str(out)]) == 0
+    assert _png(out)[1] == "L" and _png(out)[0] == (2 * 64 + 3, 64 + 2)  # 2 images of 16x16 at scale 4, 1 px borders
+    assert "mean rewards" in capsys.readouterr().out
+    ad = [f"--adapter=ta={adapters['ta']}", f"--adapter=tb={adapters['tb']}"]
+    for method in ("mpa", "ls", "soup"):
+        out = tmp_path / f"{method}.png"
+        rc = main(["generate", "--prompt", "3", "--prompt", "seven", "--num-images", "2", "--steps", "3",
+                   "--weights", "ta=0.3,tb=0.7", "--method", method, "--seed", "1", *ad, "-o", str(out)])
+        assert rc == 0 and out.is_file()
+        assert _png(out)[0] == (2 * 64 + 3, 2 * 64 + 3)
+
+
+def test_generate_is_reproducible_and_weights_matter(tmp_path, adapters):
+    import numpy as np
+    from PIL import Image
+
+    ad = [f"--adapter=ta={adapters['ta']}", f"--adapter=tb={adapters['tb']}"]
+    common = ["generate", "--num-images", "2", "--steps", "4", "--seed", "3", "--no-scores", *ad]
+    paths = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    main([*common, "--weights", "ta=1,tb=0", "-o", str(paths[0])])
+    main([*common, "--weights", "ta=1,tb=0", "-o", str(paths[1])])
+    main([*common, "--weights", "ta=0,tb=1", "-o", str(paths[2])])
+    a, b, c = (np.asarray(Image.open(p), dtype=np.float32) for p in paths)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 1.0  # the two adapters give visibly different images (0..255 scale)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--weights", "ta=0.5,nope=0.5"], "not a loaded adapter"),
+    (["--weights", "ta=0.5,tb"], "malformed"),
+    (["--weights", "ta=0.5,tb=x"], "not a number"),
+    (["--weights", "ta=0.7,tb=0.7"], "sum to 1"),
+    (["--weights", "ta=0.5,tb=0.5", "--method", "ls", "--kl-strength", "1.5"], "ls"),
+    (["--adapter", "broken"], "NAME=PATH"),
+    (["--adapter", "x=does/not/exist.safetensors"], "does not exist"),
+    (["--prompt", "a cat", "--weights", "ta=1"], None),  # any prompt is accepted by generate
+])
+def test_generate_errors_are_one_line(tmp_path, adapters, capsys, argv, needle):
+    ad = [f"--adapter=ta={adapters['ta']}", f"--adapter=tb={adapters['tb']}"]
+    rc = main(["generate", "--num-images", "1", "--steps", "2", "--no-scores", *ad, *argv,
+               "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    if needle is None:
+        assert rc == 0
+        return
+    assert rc == 1
+    lines = [line for line in err.splitlines() if line.strip() and "%" not in line]  # drop progress bars
+    assert len(lines) == 1 and lines[0].startswith("diffblend generate: error:") and needle in lines[0], err
+
+
+def test_demo_writes_grid_and_table(tmp_path, adapters, capsys):
+    out = tmp_path / "demo.png"
+    rc = main(["demo", "--adapter", f"ta={adapters['ta']}", "--adapter", f"tb={adapters['tb']}", "--pair", "ta,tb",
+               "--columns", "3", "--num-images", "2", "--steps", "3", "--no-progress", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    rows = [line for line in text.splitlines() if line.startswith(("mpa", "ls"))]
+    assert len(rows) == 6  # 2 methods x 3 columns
+    assert "legibility" in text.splitlines()[0]
+    # pure ta (w = 0) gives the same images for MPA and LS (one-hot: LS always draws ta), so the
+    # same mean legibility
+    mpa0 = float(rows[0].split()[-1])
+    ls0 = float(rows[3].split()[-1])
+    assert abs(mpa0 - ls0) < 1e-4
+
+
+def test_demo_refuses_bad_pair(tmp_path, adapters):
+    rc = main(["demo", "--adapter", f"ta={adapters['ta']}", "--pair", "ta,zz", "--no-progress",
+               "-o", str(tmp_path / "d.png")])
+    assert rc == 1
+
+
+def test_train_base_cli_tiny(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train-base", str(run), "--steps", "2", "--batch-size", "4", "--eval-per-digit", "1", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "classifier accuracy" in out
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # logged at the last step
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["images"] == 10 and len(ev["per_digit"]) == 10
+    assert main(["train-base", str(run), "--steps", "2", "--no-progress"]) == 1  # run dir in use
