@@ -332,9 +332,12 @@ def test_reward_increases_on_a_trivially_learnable_reward(tmp_path):
 
 
 def test_run_dir_holds_config_metrics_checkpoints_and_adapter(tmp_path):
-    cfg = small_cfg(epochs=2, checkpoint_every=1, keep_checkpoints=1)
+    cfg = small_cfg(epochs=2, checkpoint_every=1, keep_checkpoints=1, monitor=("boldness",))
     res = finetune(cfg, tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False)
     assert FinetuneConfig.load(tmp_path / "config.json") == cfg
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # boldness is the mean pixel, the same as the stand-in reward: the monitor logs it alongside
+    assert rows[0]["monitor/boldness_mean"] == pytest.approx(rows[0]["reward_mean"], abs=1e-6)
     assert res.adapter == tmp_path / "adapter.safetensors" and res.adapter.is_file()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-000002.pt"]  # pruned to 1
     with pytest.raises(ValueError, match="already has checkpoints"):

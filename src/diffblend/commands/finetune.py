@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the embedded digits model)")
     p.add_argument("--prompts", default=None,
                    help="comma-separated prompts drawn for the rollouts (default: the digits 0,...,9)")
+    p.add_argument("--monitor", default="",
+                   help="comma-separated rewards logged (not trained) on the rollouts, e.g. legibility")
     p.add_argument("--epochs", type=int, default=30, help="rollout + update rounds (default 30)")
     p.add_argument("--prompts-per-epoch", type=int, default=4, help="prompt draws per epoch and process (default 4)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="images per prompt, >= 2 (default 4)")
@@ -52,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = DIGIT_PROMPTS if args.prompts is None else tuple(s.strip() for s in args.prompts.split(","))
     if any(not s for s in prompts):
         raise ValueError(f"--prompts {args.prompts!r} has an empty prompt; expected comma-separated prompts")
+    monitor = tuple(m.strip() for m in args.monitor.split(",") if m.strip())
     cfg = FinetuneConfig(
-        reward=args.reward, kl=args.kl, model=args.model, prompts=prompts, rank=args.rank, epochs=args.epochs,
+        reward=args.reward, kl=args.kl, model=args.model, prompts=prompts, monitor=monitor, rank=args.rank, epochs=args.epochs,
         prompts_per_epoch=args.prompts_per_epoch, samples_per_prompt=args.samples_per_prompt,
         num_steps=args.steps, guidance_scale=args.guidance_scale, minibatch_size=args.minibatch_size,
         timestep_fraction=args.timestep_fraction, clip_range=args.clip_range, lr=args.lr,

@@ -24,6 +24,7 @@ class FinetuneConfig:
     kl: float = 1.0  # alpha, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step (per reward unit)
     model: str | None = None  # diffusers pipeline folder; None = the embedded digits model
     prompts: tuple[str, ...] = DIGIT_PROMPTS  # prompts drawn uniformly for the rollouts
+    monitor: tuple[str, ...] = ()  # rewards only logged on the rollouts (e.g. legibility, to see reward hacking)
     # -- adapter --------------------------------------------------------------------------------
     rank: int = 4  # LoRA rank r
     lora_alpha: float | None = None  # peft lora_alpha (adapter scale lora_alpha / r); None = r
@@ -53,6 +54,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.prompts = tuple(str(p) for p in self.prompts)
+        self.monitor = tuple(str(m) for m in self.monitor)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
         self.validate()
 
@@ -89,7 +91,7 @@ class FinetuneConfig:
     # -- files ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["prompts"], d["adam_betas"] = list(self.prompts), list(self.adam_betas)
+        d["prompts"], d["adam_betas"], d["monitor"] = list(self.prompts), list(self.adam_betas), list(self.monitor)
         return d
 
     @classmethod

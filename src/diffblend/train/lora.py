@@ -57,8 +57,9 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, lora_alpha: float | None = No
         raise ValueError(f"target_modules {list(target_modules)} do not match the model: {exc}") from None
     with torch.no_grad():
         for name, p in unet.named_parameters():
-            if ".lora_A." in name:  # same law as peft's init, but from our generator
-                torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
+            if ".lora_A." in name:  # same law as peft's init, but from our (CPU) generator
+                a = torch.empty(p.shape, dtype=torch.float32)
+                p.copy_(torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator))
     if not lora_parameters(unet):
         raise ValueError(f"no module of the model matches target_modules {list(target_modules)}")
 

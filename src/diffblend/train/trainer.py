@@ -144,6 +144,7 @@ def finetune(
 
     # before the model: fail fast on a bad name
     reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
+    monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
     policy = policy or load_policy(cfg.model, acc.device)
     unet = policy.unet.to(acc.device)
     add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
@@ -182,6 +183,8 @@ def finetune(
         # 2. rewards and per-prompt advantages
         with torch.no_grad():
             rewards, info = reward_fn(ro.images, prompts, {"epoch": epoch})
+            for name, fn in monitors.items():
+                info = {**(info or {}), f"monitor/{name}": fn(ro.images, prompts, {"epoch": epoch})[0]}
         rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
         adv = per_prompt_advantages(rewards, prompts).to(acc.device)
         # 3. policy updates on the stored transitions
