@@ -22,12 +22,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="add a LoRA adapter of the default model (repeatable)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these tiny models gain little from more, and on a busy "
+                        "machine extra threads spin against other jobs, measured 20x slower)")
     p.add_argument("-o", "--output", default="diffblend_demo.png", help="output PNG (default diffblend_demo.png)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..zoo._threads import set_threads
+
+    set_threads(args.threads)
     from ..core.blend import METHODS
     from ..zoo.data import prompt_for
     from ..zoo.demo import blend_sweep, demo_figure, format_table, reward_names_for

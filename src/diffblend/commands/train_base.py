@@ -18,8 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     p.add_argument("--eval-per-digit", type=int, default=20,
                    help="generated images per digit for the accuracy metric (default 20; 0 skips)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy 2-core machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a busy machine more threads of these tiny ops spin "
+                        "against other jobs and can be 10x slower; the shipped model used 2 on an idle machine)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint.pt")
     p.add_argument("--classifier", action="store_true",
@@ -29,14 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..zoo.train_base import TrainBaseConfig, train_base
+    from ..zoo._threads import set_threads
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.eval_per_digit < 0:
         raise ValueError(f"--eval-per-digit must be >= 0, got {args.eval_per_digit}")
     cfg = TrainBaseConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

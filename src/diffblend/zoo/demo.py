@@ -105,18 +105,20 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
 
     methods = list(res.images)
     K, N = len(res.ws), len(res.prompts)
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.6 * K * len(methods) + 1, 0.45 * N + 2.2), squeeze=False)
+    cell = 0.75  # inches per image: room for two or three lines of labels above each column
+    fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * (cell * K + 0.4), cell * N + 1.4),
+                             squeeze=False)
     short = {"jpeg_compressibility": "compr", "legibility": "legib", "boldness": "bold"}
     for ax, m in zip(axes[0], methods):
         x = res.images[m].transpose(0, 1).reshape(N * K, *res.images[m].shape[2:])  # row = prompt, col = w
         grid = image_grid(x, ncols=K, scale=scale)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        cell = grid.shape[2] / K
+        col = grid.shape[2] / K
         labels = []
         for k, w in enumerate(res.ws):
-            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {v[k]:.3f}" for r, v in res.rewards[m].items()]
+            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {v[k]:.3g}" for r, v in res.rewards[m].items()]
             labels.append("\n".join(lines))
-        ax.set_xticks([cell * (k + 0.5) for k in range(K)], labels, fontsize=7)
+        ax.set_xticks([col * (k + 0.5) for k in range(K)], labels, fontsize=7)
         ax.xaxis.tick_top()
         ax.set_yticks([])
         title = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "soup": "Rewarded Soup"}.get(m, m)
