@@ -279,12 +279,13 @@ def test_zoo_pipeline_works_unchanged(tmp_path):
         return bp(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                   generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
 
+    # an untrained model's outputs reach |x| ~ 70 here: float32 round-off is relative (~1e-6 per op)
     seq = run(weights={"a": 0.4, "b": 0.6})
-    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=1e-5)
     _use(pipe.unet, "b")
     plain = bp.pipe(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
-    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=1e-5)
     assert (seq - plain).abs().max() > 1e-2
 
 
@@ -317,3 +318,25 @@ def test_cuda_batched_equals_sequential_and_ls_reproducible(files, tmp_path):
     torch.testing.assert_close(run(weights=w, method="ls"), run(weights=w, method="ls"), atol=0, rtol=0)
     torch.testing.assert_close(run(weights=w, method="ls"), run(weights=w, method="ls", mode="sequential"),
                                atol=1e-3, rtol=0)
+
+
+def test_merge_cache_follows_weight_updates_and_keeps_gradients(bp):
+    """Cached merged weights are rebuilt after an in-place update (an optimizer step), and with
+    autograd on the unmerged path runs, so gradients reach the LoRA factors."""
+    x, emb = _inputs(2)
+    t = torch.full((2,), 500)
+    blend = Blend.create({"txt": 1.0}, bp.adapter_names)
+    den = bp.denoiser(blend, mode="sequential")
+    with torch.no_grad():
+        before = den(x, t, emb)
+        assert any(k[0] == "one" for k in bp.blender._cache)  # the merged path ran
+        lora_b = bp.pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_q.lora_B["txt"].weight
+        lora_b.add_(0.5)  # in place, as an optimizer step
+        after = den(x, t, emb)
+    assert (after - before).abs().max() > 1e-3
+    _use(bp.pipe.unet, "txt")
+    with torch.no_grad():
+        torch.testing.assert_close(after, bp.pipe.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-5, rtol=0)
+    lora_b.requires_grad_(True)
+    den(x, t, emb).square().mean().backward()
+    assert lora_b.grad is not None and lora_b.grad.abs().max() > 0

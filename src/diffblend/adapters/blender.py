@@ -82,13 +82,18 @@ class Blender:
     Args:
         model: the shared base with its adapters (``pipe.unet`` or ``pipe.transformer``).
         mode: "auto", "batched" or "sequential".
+        merge_cache: run a single model on all rows with cached merged weights W + dW (the cost of
+            the base; one copy of the adapted layers' weights per adapter, rebuilt when a weight
+            changes). Used only without autograd (under ``torch.no_grad``) and not for DoRA.
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str = "auto"):
+    def __init__(self, model: torch.nn.Module, mode: str = "auto", merge_cache: bool = True):
         _compat.check_versions()
         resolve_mode(mode)  # validate now
         self.model = model
         self.mode = mode
+        self.merge_cache = merge_cache
+        self._cache: dict = {}
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # drop self
         self._sample_arg = params[0].name  # "sample" (UNet) or "hidden_states" (transformers)
         self._var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
@@ -99,6 +104,26 @@ class Blender:
         self.layers = _compat.lora_layers(self.model)
         self.adapter_names = _compat.adapters_on(self.layers)
         self.dora = _compat.dora_adapters(self.layers)
+        self._cache = {}
+
+    def _weights(self, key: Any, scales: dict[str, float]) -> list:
+        """Merged weights for ``scales`` from the cache, rebuilt if any weight changed since."""
+        version = _compat.weights_version(self.layers, list(scales))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            if key[0] == "soup":  # keep one soup (w changes between calls), one entry per adapter
+                self._cache = {k: v for k, v in self._cache.items() if k[0] != "soup"}
+            hit = self._cache[key] = (version, _compat.merged_weights(self.layers, scales))
+        return hit[1]
+
+    def _can_merge(self, names) -> bool:
+        return self.merge_cache and not torch.is_grad_enabled() and not any(n in self.dora for n in names)
+
+    def _one(self, name: str):
+        """Context in which ``name`` (an adapter or the base) runs on every row."""
+        if name == BASE or not self._can_merge([name]):
+            return _compat.active(self.layers, name)
+        return _compat.swapped(self.layers, self._weights(("one", name), {name: 1.0}))
 
     def resolve(self, blend: Blend | None, mode: str | None = None) -> str:
         """The execution mode ("batched" / "sequential") this blend runs in on the model's device."""
@@ -149,15 +174,19 @@ class Blender:
             with _compat.active(self.layers, None):
                 return forward(**call)
         if blend.method == "soup":
-            scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights)}
-            with _compat.scaled_sum(self.layers, scales):
+            scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights) if w != 0.0}
+            if self._can_merge(scales):
+                ctx = _compat.swapped(self.layers, self._weights(("soup", tuple(sorted(scales.items()))), scales))
+            else:
+                ctx = _compat.scaled_sum(self.layers, scales)
+            with ctx:
                 return forward(**call)
         names = blend.model_names
         if blend.method == "ls":
             draw = ls_choices(blend.coefficients(), blend.seed, step_key(call.get("timestep", 0)), B // groups)
             per_row = draw.repeat(groups)  # row r is sample r % (B // G)
             if bool((per_row == per_row[0]).all()):  # one model for all rows (always when B = 1):
-                with _compat.active(self.layers, names[int(per_row[0])]):  # no per-row gathers
+                with self._one(names[int(per_row[0])]):  # no per-row gathers
                     return forward(**call)
             if mode == "batched":
                 with _compat.route(self.layers, [names[k] for k in per_row.tolist()]):
@@ -165,7 +194,7 @@ class Blender:
             return self._sequential_rows(forward, call, per_row, names, B)
         active = blend.active()  # [(name, c)] with c != 0, base first
         if len(active) == 1 and active[0][1] == 1.0:  # one-hot w with lambda = 1, or lambda = 0
-            with _compat.active(self.layers, active[0][0]):
+            with self._one(active[0][0]):
                 return forward(**call)
         if mode == "batched":
             K = len(active)
@@ -177,7 +206,7 @@ class Blender:
         else:
             outs = []
             for n, _ in active:
-                with _compat.active(self.layers, n):
+                with self._one(n):
                     out = forward(**call)
                 outs.append(_first(out))
             preds = torch.stack(outs)
@@ -189,7 +218,7 @@ class Blender:
         for k in per_row.unique().tolist():
             rows = (per_row == k).nonzero().squeeze(1).to(call[self._sample_arg].device)
             sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()}
-            with _compat.active(self.layers, names[k]):
+            with self._one(names[k]):
                 out = forward(**sub)
             pred = _first(out)
             if result is None:
