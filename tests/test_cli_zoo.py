@@ -135,3 +135,26 @@ def test_train_base_cli_tiny(tmp_path, capsys):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["images"] == 10 and len(ev["per_digit"]) == 10
     assert main(["train-base", str(run), "--steps", "2", "--no-progress"]) == 1  # run dir in use
+
+
+def test_generate_on_a_model_folder(tmp_path, adapters, capsys):
+    from diffblend.zoo import weights_dir
+
+    out = tmp_path / "m.png"
+    rc = main(["generate", "--model", str(weights_dir("base")), "--adapter", f"ta={adapters['ta']}",
+               "--weights", "ta=1", "--num-images", "1", "--steps", "2", "-o", str(out)])
+    assert rc == 0 and out.is_file()
+    assert main(["generate", "--model", str(tmp_path / "missing"), "-o", str(out)]) == 1
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_weight_names_accept_reward_aliases():
+    from diffblend.zoo.generate import resolve_weight_names
+
+    names = ["jpeg_compressibility", "legibility"]
+    assert resolve_weight_names({"compressibility": 0.3, "legibility": 0.7}, names) == {
+        "jpeg_compressibility": 0.3, "legibility": 0.7}
+    with pytest.raises(ValueError, match="twice"):
+        resolve_weight_names({"compressibility": 0.5, "jpeg_compressibility": 0.5}, names)
+    with pytest.raises(ValueError, match="not a loaded adapter"):
+        resolve_weight_names({"boldness": 1.0}, names)
