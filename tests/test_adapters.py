@@ -340,3 +340,21 @@ def test_merge_cache_follows_weight_updates_and_keeps_gradients(bp):
     lora_b.requires_grad_(True)
     den(x, t, emb).square().mean().backward()
     assert lora_b.grad is not None and lora_b.grad.abs().max() > 0
+
+
+def test_block_routing_with_merged_weights(bp):
+    """Row blocks with merged weights (the fast batched path): each block is its model's output."""
+    unet, blender = bp.pipe.unet, bp.blender
+    x, emb = _inputs(4)
+    names = ["aes", BASE, "cmp", "txt"]
+    weights = [[None] * len(blender.layers) if n == BASE else blender._weights(("one", n), {n: 1.0}) for n in names]
+    with torch.no_grad():
+        with _compat.blocks(blender.layers, [(0, 1), (1, 2), (2, 3), (3, 4)], weights):
+            routed = unet(x, 500, encoder_hidden_states=emb).sample
+        assert not any("forward" in layer.get_base_layer().__dict__ for layer in blender.layers)  # unpatched
+        for i, n in enumerate(names):
+            _use(unet, n)
+            torch.testing.assert_close(routed[i], unet(x[:1], 500, encoder_hidden_states=emb[:1]).sample[0],
+                                       atol=1e-5, rtol=0)
+        unet.enable_lora()
+    assert all((routed[i] - routed[j]).abs().max() > 1e-3 for i in range(4) for j in range(i + 1, 4))

@@ -149,19 +149,19 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.draws, self.routes = [], []
-        real_draw, real_route = blender_mod.ls_choices, blender_mod._compat.route
+        real_draw, real_batched = blender_mod.ls_choices, blender_mod.Blender._ls_batched
 
         def draw(*a, **k):
             out = real_draw(*a, **k)
             self.draws.append(out.clone())
             return out
 
-        def route(layers, names):
-            self.routes.append(list(names))
-            return real_route(layers, names)
+        def ls_batched(blender, forward, call, per_row, names, B):
+            self.routes.append([names[k] for k in per_row.tolist()])  # the model of each row
+            return real_batched(blender, forward, call, per_row, names, B)
 
         monkeypatch.setattr(blender_mod, "ls_choices", draw)
-        monkeypatch.setattr(blender_mod._compat, "route", route)
+        monkeypatch.setattr(blender_mod.Blender, "_ls_batched", ls_batched)
 
 
 def test_ls_reproducible_and_same_for_both_cfg_halves(sd, monkeypatch):

@@ -31,7 +31,7 @@ _LAYER_ATTRS = ("_active_adapter", "_disable_adapters", "scaling", "lora_A", "lo
                 "get_delta_weight", "get_base_layer")
 
 __all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "is_merged", "route", "active", "scaled_sum",
-           "LayerState", "merged_weights", "weights_version", "swapped"]
+           "LayerState", "merged_weights", "weights_version", "swapped", "blocks"]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -229,4 +229,47 @@ def swapped(layers: Sequence[torch.nn.Module], weights: Sequence[torch.Tensor | 
     finally:
         for param, data in saved:
             param.data = data
+        state.restore()
+
+
+def _block_forward(base: torch.nn.Module, spans: Sequence[tuple[int, int]], weights: Sequence[torch.Tensor]):
+    """A forward for ``base`` (Linear / Conv2d) applying weights[j] to rows spans[j]; rows stay in order."""
+    if isinstance(base, torch.nn.Linear):
+        def one(x, w):
+            return torch.nn.functional.linear(x, w, base.bias)
+    elif isinstance(base, torch.nn.Conv2d):
+        def one(x, w):
+            return base._conv_forward(x, w, base.bias)
+    else:
+        raise ValueError(f"cannot run a {type(base).__name__} per row block; use mode='sequential'")
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.shape[0] != spans[-1][1]:
+            raise ValueError(f"row blocks cover {spans[-1][1]} rows, the layer input has {x.shape[0]}")
+        return torch.cat([one(x[s:e], w) for (s, e), w in zip(spans, weights)])
+
+    return forward
+
+
+@contextlib.contextmanager
+def blocks(layers: Sequence[torch.nn.Module], spans: Sequence[tuple[int, int]],
+           weights: Sequence[Sequence[torch.Tensor | None]]) -> Iterator[None]:
+    """Within the block, rows ``spans[j]`` (contiguous, in order) of every layer run with weight
+    ``weights[j][layer]`` (None: the base weight), adapter branches off: a mixed batch at the cost
+    of the base on the same rows, with slices instead of peft's per-layer row gathers."""
+    state = LayerState(layers)
+    patched = []
+    try:
+        for i, layer in enumerate(layers):
+            layer._disable_adapters = True
+            base = layer.get_base_layer()
+            ws = [w[i] if w[i] is not None else base.weight for w in weights]
+            if all(w is base.weight for w in ws):
+                continue
+            base.forward = _block_forward(base, spans, ws)
+            patched.append(base)
+        yield
+    finally:
+        for base in patched:
+            del base.forward
         state.restore()

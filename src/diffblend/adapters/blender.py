@@ -119,6 +119,16 @@ class Blender:
     def _can_merge(self, names) -> bool:
         return self.merge_cache and not torch.is_grad_enabled() and not any(n in self.dora for n in names)
 
+    def _routed(self, names: list[str], spans: list[tuple[int, int]] | None = None):
+        """Context in which row r runs model ``names[r]``: merged weights per contiguous row block
+        (``spans`` given: rows spans[j] all run the j-th distinct model), else peft's mixed batch."""
+        distinct = list(dict.fromkeys(names))
+        if spans is not None and self._can_merge(distinct):
+            weights = [[None] * len(self.layers) if n == BASE else self._weights(("one", n), {n: 1.0})
+                       for n in distinct]
+            return _compat.blocks(self.layers, spans, weights)
+        return _compat.route(self.layers, names)
+
     def _one(self, name: str):
         """Context in which ``name`` (an adapter or the base) runs on every row."""
         if name == BASE or not self._can_merge([name]):
@@ -189,8 +199,7 @@ class Blender:
                 with self._one(names[int(per_row[0])]):  # no per-row gathers
                     return forward(**call)
             if mode == "batched":
-                with _compat.route(self.layers, [names[k] for k in per_row.tolist()]):
-                    return forward(**call)
+                return self._ls_batched(forward, call, per_row, names, B)
             return self._sequential_rows(forward, call, per_row, names, B)
         active = blend.active()  # [(name, c)] with c != 0, base first
         if len(active) == 1 and active[0][1] == 1.0:  # one-hot w with lambda = 1, or lambda = 0
@@ -199,7 +208,8 @@ class Blender:
         if mode == "batched":
             K = len(active)
             big = {k: _map_batch(v, B, lambda t: t.repeat(K, *([1] * (t.dim() - 1))), k) for k, v in call.items()}
-            with _compat.route(self.layers, [n for n, _ in active for _ in range(B)]):
+            spans = [(k * B, (k + 1) * B) for k in range(K)]
+            with self._routed([n for n, _ in active for _ in range(B)], spans):
                 out = forward(**big)
             pred = _first(out)
             preds = pred.reshape(K, B, *pred.shape[1:])  # row block k is model k
@@ -211,6 +221,28 @@ class Blender:
                 outs.append(_first(out))
             preds = torch.stack(outs)
         return _replace_first(out, combine(preds, [c for _, c in active]))
+
+    def _ls_batched(self, forward, call, per_row, names, B):
+        """LS in one forward: rows sorted by drawn model (one gather in, one out), one block per model."""
+        if not self._can_merge([names[k] for k in per_row.unique().tolist()]):
+            with _compat.route(self.layers, [names[k] for k in per_row.tolist()]):
+                return forward(**call)
+        order = torch.argsort(per_row, stable=True)
+        counts = torch.bincount(per_row[order]).tolist()
+        spans, start, routed = [], 0, []
+        for k, c in enumerate(counts):
+            if c:
+                spans.append((start, start + c))
+                routed += [names[k]] * c
+                start += c
+        dev = call[self._sample_arg].device
+        sub = {key: _map_batch(v, B, lambda t: t[order.to(t.device)], key) for key, v in call.items()}
+        with self._routed(routed, spans):
+            out = forward(**sub)
+        pred = _first(out)
+        result = torch.empty_like(pred)
+        result[order.to(dev)] = pred  # back to the caller's row order
+        return _replace_first(out, result)
 
     def _sequential_rows(self, forward, call, per_row, names, B):
         """LS in sequential mode: one forward per drawn model over the rows that drew it."""
