@@ -118,9 +118,10 @@ def step_weight(schedule, t: torch.Tensor, prev_t: torch.Tensor, eta: float = 1.
 
     The score-function gradient of one DDIM step is ((x_prev - mean) / sigma_t^2) * (d mean / d pred)
     * (d pred / d theta) = (z / sigma_t) * k_t * (d pred / d theta), z ~ N(0, I), k_t the (scalar)
-    derivative of the step mean in the prediction. k_t / sigma_t varies by orders of magnitude
-    over the schedule (about 1600 at t = 999 of a cosine schedule with alpha_bar_999 ~ 2e-9,
-    about 1 in the middle), so one step's noise would drown every other step's signal. Multiplying
+    derivative of the step mean in the prediction. |k_t| / sigma_t can vary by orders of magnitude
+    over a schedule (about 1600 at t = 999 for 20 "trailing" steps of a cosine schedule, whose
+    alpha_bar_999 ~ 2e-9, and about 1 elsewhere), so one step's noise would drown every other
+    step's signal; over the 20 steps of the shipped digits model (linear betas) it stays in [0.8, 1.7]. Multiplying
     step t's loss by w_t = sigma_t / |k_t| (a positive constant per step: each step's gradient keeps
     its direction) makes every step contribute z * (d pred / d theta), on the scale of DPOK's KL
     term ||eps_theta - eps_pre||^2. Returns 0 for a deterministic step (sigma_t = 0).
