@@ -32,7 +32,7 @@ from diffblend.baselines.code import CoDeConfig
 from diffblend.baselines.rgg import RGGConfig
 from diffblend.evaluate import plots
 from diffblend.evaluate.analysis import oracle_gain
-from diffblend.evaluate.methods import MethodOptions
+from diffblend.evaluate.methods import MethodOptions, Setting
 from diffblend.evaluate.records import read_records
 from diffblend.evaluate.report import build_report, _mean_weighted, _seconds, _nfe  # noqa: PLC2701
 from diffblend.evaluate.sweep import build_settings, pair_grid, run_sweep
@@ -115,6 +115,10 @@ def main(argv=None) -> int:
     grid = pair_grid(pair, ws)
     kla_w = [{pair[0]: 1.0, pair[1]: 0.0}, {pair[0]: 0.0, pair[1]: 1.0}]
     settings = build_settings([*methods, "kla"], grid, lambdas, kla_w)
+    missing = [s.weights_dict for s in settings if s.method == "morl" and not _has_oracle(backend, s)]
+    if missing:
+        print(f"paper_comparison: no MORL oracle for w in {missing}; those settings are left out", flush=True)
+    settings = [s for s in settings if s.method != "morl" or _has_oracle(backend, s)]
     if third:
         settings += build_settings(["mpa", "ls"], simplex_grid([*pair, third]))
     records = data / "records.jsonl"
@@ -126,12 +130,15 @@ def main(argv=None) -> int:
     grid_png = None
     if args.backend == "default":
         with tempfile.TemporaryDirectory() as tmp:
-            gsets = [s for s in build_settings([m for m in methods if m != "code"], grid)]
+            gsets = [s for s in build_settings([m for m in methods if m != "code"], grid)
+                     if s.method != "morl" or _has_oracle(backend, s)]
             gpath = Path(tmp) / "grid.jsonl"
             run_sweep(backend, gsets, prompts[:2], [0], gpath, options=options, batch_size=2,
                       images_dir=Path(tmp) / "img", progress=False, warmup=False)
             grid_png = plots.plot_image_grid(read_records(gpath), tmp, data / "grid.png", pair, methods)
-    costs = measure_costs(backend, [m for m in methods if m != "base"], {pair[0]: 0.5, pair[1]: 0.5}, prompts,
+    w_half = {pair[0]: 0.5, pair[1]: 0.5}
+    costs = measure_costs(backend, [m for m in methods if m != "base" and (m != "morl" or _has_oracle(
+        backend, Setting.make("morl", w_half)))], w_half, prompts,
                           options, repeats=1 if args.quick else 3)
     (data / "costs.json").write_text(json.dumps(costs, indent=1) + "\n")
     wall = time.time() - t_start
@@ -147,6 +154,22 @@ def main(argv=None) -> int:
     print(f"wrote {md} ({wall:.0f} s)")
     print(_headline(recs, pair, costs))
     return 0
+
+
+def _adapter_hashes() -> str:
+    import hashlib
+
+    try:
+        from diffblend.zoo.generate import shipped_adapters
+    except ImportError:
+        return "-"
+    files = shipped_adapters()
+    return ", ".join(f"{n} {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for n, p in files.items()) or "-"
+
+
+def _has_oracle(backend, setting) -> bool:
+    """Whether the backend has a MORL oracle for the setting's w (the toy has all of them)."""
+    return not hasattr(backend, "oracle_name") or backend.oracle_name(setting.weights_dict) is not None
 
 
 def measure_costs(backend, methods, w, prompts, options, repeats: int = 3) -> dict[str, float]:
@@ -181,7 +204,9 @@ def _headline(recs, pair, costs=None) -> str:
     for m in ms:
         if m not in have:
             continue
-        mean, half, _ = _mean_weighted(recs, m, w)
+        mean, half, n = _mean_weighted(recs, m, w)
+        if n == 0:
+            continue
         frac = 0.0 if m == "base" else (1.0 if m == "morl" else g.get(m, {}).get("fraction", float("nan")))
         paper = PAPER.get(m)
         rr = (costs or {}).get("ratio", {}).get(m, float("nan"))
@@ -206,6 +231,7 @@ def _intro(args, pair, third, ws, lambdas, prompts, seeds, steps, N, B, stats, w
         f"{', '.join(prompts)} x seeds 0..{seeds - 1} ({len(prompts) * seeds} images per setting), paired noise.",
         f"- Pair: {pair[0]} (w = 0) vs {pair[1]} (w = 1), w in {ws}; r(w) = (1 - w) {pair[0]} + w {pair[1]}.",
         f"- MORL oracle: the shipped oracles at interior w; at w = 0 and 1 the single-reward adapter.",
+        f"- Adapters used (sha256, first 12 hex): {_adapter_hashes()}.",
         f"- RGG: base model, kl_coeff 0.1, per-pixel RMS gradient normalisation, tempering gamma 0.024 (the "
         f"authors' settings); a reward without a gradient (JPEG size) contributes no guidance.",
         f"- CoDe: base model, N = {N} candidates, blocks of B = {B} steps.",

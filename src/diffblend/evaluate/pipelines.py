@@ -125,12 +125,17 @@ class DiffusersBackend(Backend):
 
         return guided
 
-    def oracle_denoiser(self, weights: Mapping[str, float]):
+    def oracle_name(self, weights: Mapping[str, float]) -> str | None:
+        """The adapter that serves as the MORL oracle at w, or None."""
         name = self._oracles.get(setting_key("morl", weights, None))
         hot = [n for n, v in weights.items() if v != 0]
         if name is None and len(hot) == 1 and weights[hot[0]] == 1.0 and hot[0] in self.adapter_names:
             # At a one-hot w, r(w) = r_i: the MORL oracle is the adapter fine-tuned on r_i alone.
             name = hot[0]
+        return name
+
+    def oracle_denoiser(self, weights: Mapping[str, float]):
+        name = self.oracle_name(weights)
         if name is None:
             have = [k.split("|")[1] for k in self._oracles]
             raise ValueError(f"no MORL oracle adapter for w = {dict(weights)}; oracles loaded: {have}")
