@@ -65,13 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--weights", default=None)
     p.add_argument("--kl-strength", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the summary and correlations to this JSON file")
     args = p.parse_args(argv)
     bp = load_blend_pipeline(None, parse_adapters(args.adapter) or None)
     w = resolve_weight_names(parse_weights(args.weights), bp.adapter_names) if args.weights else None
-    res = sample_rewards(bp, args.per_digit, args.seed, w, kl_strength=args.kl_strength)
+    torch.set_num_threads(1)  # tiny ops: more threads only spin on a shared machine
+    res = sample_rewards(bp, args.per_digit, args.seed, w, kl_strength=args.kl_strength, steps=args.steps,
+                         guidance_scale=args.guidance_scale)
     n = len(res["prompts"])
-    print(f"{n} samples ({args.per_digit} per digit), weights {w}, lambda {args.kl_strength}")
+    print(f"{n} samples ({args.per_digit} per digit), weights {w}, lambda {args.kl_strength}, "
+          f"CFG {args.guidance_scale}, {args.steps} DDIM steps (eta 1)")
     for name, s in res["summary"].items():
         print(f"  {name:<22} mean {s['mean']:.4f}  std {s['std']:.4f}")
     for r in res["correlations"]:
