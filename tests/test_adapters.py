@@ -306,8 +306,15 @@ def test_cuda_batched_equals_sequential_and_ls_reproducible(files, tmp_path):
     """On CUDA ("auto" = batched): the same numbers as sequential, LS draws the same per seed.
     TF32 is turned off (cuDNN convolutions use it by default: ~1e-3 relative per op, amplified by CFG
     to ~1e-2 between the K*B-row and B-row kernels); in full float32 the tolerance is 1e-3."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _cuda_modes_agree(files, tmp_path)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _cuda_modes_agree(files, tmp_path):
     bp = BlendPipeline(tiny_sd(tmp_path).to("cuda"), {n: files[n] for n in NAMES})
     kw = dict(prompt=["a cat", "a dog"], num_inference_steps=3, guidance_scale=4.0, eta=1.0, height=16, width=16,
               output_type="latent", latents=torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)))
