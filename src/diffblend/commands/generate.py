@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: embedded digits)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a LoRA adapter (repeatable); added to the shipped ones for the default model")
+    p.add_argument("--oracles", action="store_true",
+                   help="also load the shipped MORL oracle adapters (e.g. --weights morl_w0_5=1) for comparison")
     p.add_argument("--no-scores", action="store_true", help="do not print the rewards of the images")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the saved grid (default 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["7"]
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
-    adapters = {**(shipped_adapters() if args.model is None else {}), **extra}
+    adapters = {**(shipped_adapters(include_oracles=args.oracles) if args.model is None else {}), **extra}
     bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode)
     bp.pipe.set_progress_bar_config(disable=False, desc="generate", leave=False)
     if weights is not None:

@@ -116,7 +116,7 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
         col = grid.shape[2] / K
         labels = []
         for k, w in enumerate(res.ws):
-            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {v[k]:.3g}" for r, v in res.rewards[m].items()]
+            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {v[k]:.3f}" for r, v in res.rewards[m].items()]
             labels.append("\n".join(lines))
         ax.set_xticks([col * (k + 0.5) for k in range(K)], labels, fontsize=7)
         ax.xaxis.tick_top()

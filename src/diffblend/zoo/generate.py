@@ -17,11 +17,13 @@ __all__ = ["shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_
            "score_images", "image_grid", "save_png"]
 
 
-def shipped_adapters() -> dict[str, Path]:
-    """``{name: file}`` of the adapters shipped in ``zoo/adapters`` (empty if none yet).
+def shipped_adapters(include_oracles: bool = False) -> dict[str, Path]:
+    """``{name: file}`` of the adapters shipped in ``zoo/adapters`` (empty if none).
 
-    Names come from ``zoo/adapters/manifest.json`` (``{"adapters": {name: file}}``) when it exists,
-    otherwise from the file names (``legibility.safetensors`` -> ``legibility``).
+    Names come from ``zoo/adapters/manifest.json`` (``{"adapters": {name: {"file": ..., ...}}}``) when it
+    exists, otherwise from the file names (``legibility.safetensors`` -> ``legibility``). The MORL
+    oracles (manifest entries with ``"weights"``: one model trained on a weighted reward, the
+    reference Diffusion Blend is compared with) are left out unless ``include_oracles``.
     """
     from importlib import resources
 
@@ -33,7 +35,10 @@ def shipped_adapters() -> dict[str, Path]:
         entries = json.loads(manifest.read_text()).get("adapters", {})
         out = {}
         for name, entry in entries.items():
-            file = entry if isinstance(entry, str) else entry.get("file")
+            entry = {"file": entry} if isinstance(entry, str) else entry
+            if entry.get("weights") and not include_oracles:
+                continue
+            file = entry.get("file")
             if file and (folder / file).is_file():
                 out[name] = folder / file
         return out
