@@ -259,3 +259,14 @@ def test_sdxl_one_hot_and_ls_routing(sdxl, monkeypatch):
     b = _run(sdxl, weights={"aes": 0.5, "txt": 0.5}, method="ls", mode="sequential", blend_seed=2)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     assert all(names[:2] == names[2:] for names in spy.routes)
+
+
+def test_from_pretrained_directory(sd, tmp_path):
+    """A saved pipeline directory plus adapter files gives the same blend as the live objects."""
+    clean = tiny_sd(tmp_path)  # the same seed: the same base weights, without adapters
+    clean.save_pretrained(tmp_path / "pipe")
+    lora = save_random_lora(clean, tmp_path / "lora", seed=1)  # seed 1 = the fixture's "aes"
+    bp = BlendPipeline.from_pretrained(tmp_path / "pipe", {"x": lora})
+    bp.pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(bp, weights={"x": 1.0}, kl_strength=0.6), _run(sd, weights={"aes": 1.0},
+                               kl_strength=0.6), atol=ATOL, rtol=0)

@@ -72,10 +72,12 @@ class BlendPipeline:
         mode: "auto" (batched on CUDA, sequential elsewhere and for DoRA), "batched" or "sequential".
         allow_pickle: accept pickle files (``.bin``, ``.ckpt``...) for adapters you trust.
         text_encoder: "refuse" (default) or "ignore" text-encoder LoRA components of adapter files.
+        merge_cache: run a model that serves all rows (or a row block) with cached merged weights
+            W + dW, at the cost of the base (memory: one copy of the adapted layers per adapter).
     """
 
     def __init__(self, pipe: Any, adapters: Mapping[str, str | Path] | None = None, *, mode: str = "auto",
-                 allow_pickle: bool = False, text_encoder: str = "refuse"):
+                 allow_pickle: bool = False, text_encoder: str = "refuse", merge_cache: bool = True):
         if getattr(pipe, "unet", None) is not None:
             self.component = "unet"
         elif getattr(pipe, "transformer", None) is not None:
@@ -90,17 +92,19 @@ class BlendPipeline:
         self.model: torch.nn.Module = getattr(pipe, self.component)
         self.allow_pickle = allow_pickle
         self.text_encoder = text_encoder
-        self.blender = Blender(self.model, mode)
+        self.blender = Blender(self.model, mode, merge_cache=merge_cache)
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
-                        mode: str = "auto", **pipe_kwargs: Any) -> BlendPipeline:
+                        mode: str = "auto", allow_pickle: bool = False, text_encoder: str = "refuse",
+                        merge_cache: bool = True, **pipe_kwargs: Any) -> BlendPipeline:
         """``DiffusionPipeline.from_pretrained(model, **pipe_kwargs)`` (a local directory here), then adapters."""
         from diffusers import DiffusionPipeline
 
-        return cls(DiffusionPipeline.from_pretrained(model, **pipe_kwargs), adapters, mode=mode)
+        return cls(DiffusionPipeline.from_pretrained(model, **pipe_kwargs), adapters, mode=mode,
+                   allow_pickle=allow_pickle, text_encoder=text_encoder, merge_cache=merge_cache)
 
     # -- adapters ------------------------------------------------------------------------------
     @property
