@@ -368,3 +368,13 @@ def test_block_routing_with_merged_weights(bp):
                                        atol=1e-5, rtol=0)
         unet.enable_lora()
     assert all((routed[i] - routed[j]).abs().max() > 1e-3 for i in range(4) for j in range(i + 1, 4))
+
+
+def test_adapters_loaded_through_diffusers_are_picked_up(bp, files):
+    bp.pipe.load_lora_weights(str(files["aes"]), adapter_name="late")
+    kw = dict(prompt="a", num_inference_steps=1, height=16, width=16, output_type="latent",
+              generator=torch.Generator().manual_seed(0))
+    out = bp(weights={"late": 1.0}, **kw).images  # the same file as "aes"
+    torch.testing.assert_close(out, bp(weights={"aes": 1.0}, **{**kw, "generator": torch.Generator().manual_seed(0)})
+                               .images, atol=1e-5, rtol=0)
+    assert "late" in bp.adapter_names
