@@ -158,3 +158,13 @@ def test_weight_names_accept_reward_aliases():
         resolve_weight_names({"compressibility": 0.5, "jpeg_compressibility": 0.5}, names)
     with pytest.raises(ValueError, match="not a loaded adapter"):
         resolve_weight_names({"boldness": 1.0}, names)
+
+
+def test_shipped_adapters_leave_out_the_morl_oracles_unless_asked():
+    from diffblend.zoo.generate import shipped_adapters
+
+    single, every = shipped_adapters(), shipped_adapters(include_oracles=True)
+    if not every:
+        pytest.skip("no shipped adapters in this checkout yet")
+    assert set(single) <= set(every) and all(p.is_file() for p in every.values())
+    assert not any(name.startswith("morl") for name in single)

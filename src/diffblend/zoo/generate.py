@@ -47,7 +47,7 @@ def shipped_adapters(include_oracles: bool = False) -> dict[str, Path]:
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") -> Any:
     """The embedded default (``model=None``) or a diffusers pipeline folder (our ``DigitsPipeline`` too)."""
-    from . import load_default_pipeline
+    from . import load_default_pipeline, quiet_loading
 
     if model is None:
         return load_default_pipeline(device=device)
@@ -57,7 +57,8 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") 
         if cls_name == "DigitsPipeline":  # not a diffusers class: load it with ours
             from .pipeline import DigitsPipeline
 
-            pipe = DigitsPipeline.from_pretrained(str(path))
+            with quiet_loading():
+                pipe = DigitsPipeline.from_pretrained(str(path))
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(device)
     elif path.exists() or model.startswith((".", "/")):
