@@ -69,7 +69,7 @@ class BlendPipeline:
         pipe: a diffusers pipeline with a ``unet`` or ``transformer`` (the shared base).
         adapters: ``{name: path}`` of LoRA files / peft directories to load (see :meth:`load_adapter`).
             Adapters already on the denoiser (e.g. from ``pipe.load_lora_weights``) are kept and usable.
-        mode: "auto" (batched on CUDA, sequential elsewhere and for DoRA), "batched" or "sequential".
+        mode: "auto" (batched; sequential for DoRA), "batched" or "sequential" (less memory).
         allow_pickle: accept pickle files (``.bin``, ``.ckpt``...) for adapters you trust.
         text_encoder: "refuse" (default) or "ignore" text-encoder LoRA components of adapter files.
         merge_cache: run a model that serves all rows (or a row block) with cached merged weights

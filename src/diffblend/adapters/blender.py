@@ -17,11 +17,11 @@ Two execution modes give the same numbers:
     that model's cached merged weight W + dW (``_compat.blocks``: slices, no per-layer gathers);
     under autograd, peft's mixed-batch ``adapter_names`` routing (``_compat.route``).
   * ``"sequential"``: K forwards of B rows, each model alone (merged weights when cached).
-``"auto"`` picks batched on CUDA and sequential elsewhere. Measured with benchmarks/bench_cost.py
-(SD 1.5-sized UNet, fp32, H100, CFG, 10 steps): MPA m = 2 batched 1.67x / sequential 1.96x the base
-at B = 1, 1.91x / 1.98x at B = 4; on a shared 2-core CPU the two were within the timing noise and
-batched needs K times the activation memory. DoRA adapters (no mixed batches in peft, no merged
-cache) always run sequentially under "auto".
+``"auto"`` picks batched, measured faster with benchmarks/bench_cost.py: SD 1.5-sized UNet, fp32,
+H100, CFG, 10 steps, MPA m = 2: batched 1.67x / sequential 1.96x the base at B = 1, 1.91x / 1.98x
+at B = 4; tiny UNet on a CPU: 1.81x / 2.06x. Batched needs K times the activation memory of one
+forward: choose "sequential" when memory is short. DoRA adapters (no mixed batches in peft, no
+merged cache) always run sequentially under "auto".
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ _NOT_BATCHED = frozenset({"img_ids", "txt_ids"})
 __all__ = ["MODES", "Blender", "resolve_mode"]
 
 
-def resolve_mode(mode: str, device: torch.device | str = "cpu", uses_dora: bool = False) -> str:
-    """"auto" -> "batched" on CUDA, else "sequential" (always with DoRA); other modes as given."""
+def resolve_mode(mode: str, uses_dora: bool = False) -> str:
+    """"auto" -> "batched" (the faster on GPU and CPU), "sequential" with DoRA; other modes as given."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "batched" if torch.device(device).type == "cuda" and not uses_dora else "sequential"
+        return "sequential" if uses_dora else "batched"
     return mode
 
 
@@ -140,10 +140,9 @@ class Blender:
         return _compat.swapped(self.layers, self._weights(("one", name), {name: 1.0}))
 
     def resolve(self, blend: Blend | None, mode: str | None = None) -> str:
-        """The execution mode ("batched" / "sequential") this blend runs in on the model's device."""
+        """The execution mode ("batched" / "sequential") this blend runs in."""
         dora = blend is not None and any(n in self.dora for n, _ in blend.active())
-        device = next(self.model.parameters()).device
-        return resolve_mode(mode or self.mode, device, dora)
+        return resolve_mode(mode or self.mode, dora)
 
     def check(self, blend: Blend | None, mode: str) -> None:
         """Refuse blends that cannot run on this model in this mode (named adapter and reason)."""
