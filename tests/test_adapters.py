@@ -16,7 +16,7 @@ from diffblend.adapters import AdapterError, _compat, blend_denoiser
 from diffblend.core.blend import BASE, Blend
 from diffblend.core.sampling import NoiseSchedule, randn, sample
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl
+from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl  # noqa: F401 (a pytest fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 2e-4

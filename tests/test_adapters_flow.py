@@ -17,7 +17,7 @@ import torch
 from diffblend.adapters import blend_denoiser
 from diffblend.core.blend import BASE, Blend
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread
+from helpers_pipelines import one_thread  # noqa: F401 (a pytest fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-5

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler
 import diffblend.adapters.blender as blender_mod
 from diffblend.core.blend import BASE, Blend
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl
+from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl  # noqa: F401 (a pytest fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import torch
 
 from diffblend.baselines.soup import factor_interpolation_delta, soup_delta
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd
+from helpers_pipelines import one_thread, save_random_lora, tiny_sd  # noqa: F401 (a pytest fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 2e-4
