@@ -59,7 +59,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
         for n in (name, *aliases):
             if n in _REGISTRY or n in _ALIASES:
                 raise ValueError(f"reward name {n!r} is already registered")
-            if not n or any(c in n for c in "=,") :
+            if not n or any(c in n for c in "=,"):
                 raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
         _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases))
         for a in aliases:
@@ -170,12 +170,21 @@ def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) ->
         raise ValueError(f"reward name must be a string, got {type(name).__name__}")
     if "=" in name or "," in name:
         return weighted_reward(parse_reward_weights(name), device=device)
-    if os.sep in name or name.startswith("."):
-        folder = Path(name)
-        spec_file = folder / "reward.json"
-        if not spec_file.is_file():
-            raise FileNotFoundError(f"reward folder {folder} has no reward.json")
-        spec = json.loads(spec_file.read_text())
-        factory = _REGISTRY[canonical_name(spec["factory"])].factory
-        return factory(device=device, path=str(folder), **{**spec.get("options", {}), **options})
-    return _REGISTRY[canonical_name(name)].factory(device=device, **options)
+    try:
+        key = canonical_name(name)
+    except UnknownRewardError:
+        if os.sep in name or Path(name).is_dir():  # a reward model kept in a local folder
+            return _from_folder(Path(name), device, options)
+        raise
+    return _REGISTRY[key].factory(device=device, **options)
+
+
+def _from_folder(folder: Path, device: str | torch.device, options: Mapping[str, Any]) -> RewardFn:
+    spec_file = folder / "reward.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"reward folder {folder} has no reward.json")
+    spec = json.loads(spec_file.read_text())
+    if "factory" not in spec:
+        raise ValueError(f"{spec_file} must name a registered factory: {{\"factory\": NAME, \"options\": {{...}}}}")
+    factory = _REGISTRY[canonical_name(spec["factory"])].factory
+    return factory(device=device, path=str(folder), **{**spec.get("options", {}), **options})

@@ -9,7 +9,6 @@ rewards, what per-prompt advantage normalisation in RL sees). Negative = the pai
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
