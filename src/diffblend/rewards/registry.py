@@ -173,7 +173,7 @@ def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) ->
     try:
         key = canonical_name(name)
     except UnknownRewardError:
-        if os.sep in name or Path(name).is_dir():  # a reward model kept in a local folder
+        if name.strip() and (os.sep in name or Path(name).is_dir()):  # a reward model kept in a local folder
             return _from_folder(Path(name), device, options)
         raise
     return _REGISTRY[key].factory(device=device, **options)
