@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffblend.adapters import AdapterError, _compat, blend_denoiser
+from diffblend.adapters import AdapterError, Blender, _compat, blend_denoiser
 from diffblend.core.blend import BASE, Blend
 from diffblend.core.sampling import NoiseSchedule, randn, sample
 from diffblend.pipeline import BlendPipeline
@@ -346,7 +346,14 @@ def test_merge_cache_follows_weight_updates_and_keeps_gradients(bp):
     _use(bp.pipe.unet, "txt")
     with torch.no_grad():
         torch.testing.assert_close(after, bp.pipe.unet(x, t, encoder_hidden_states=emb).sample, atol=1e-5, rtol=0)
-    lora_b.requires_grad_(True)
+    grads = []
+    for d in (den, blend_denoiser(bp.pipe.unet, blend, blender=Blender(bp.pipe.unet, merge_cache=False))):
+        xg = x.clone().requires_grad_(True)  # reward guidance: gradients w.r.t. x_t, adapters frozen
+        d(xg, t, emb).square().mean().backward()
+        grads.append(xg.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)  # merged == unmerged path
+    lora_b.requires_grad_(True)  # training: the unmerged path, so the factor gets its gradient
     den(x, t, emb).square().mean().backward()
     assert lora_b.grad is not None and lora_b.grad.abs().max() > 0
 

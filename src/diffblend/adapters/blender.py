@@ -86,9 +86,10 @@ class Blender:
     Args:
         model: the shared base with its adapters (``pipe.unet`` or ``pipe.transformer``).
         mode: "auto", "batched" or "sequential".
-        merge_cache: run a single model on all rows with cached merged weights W + dW (the cost of
-            the base; one copy of the adapted layers' weights per adapter, rebuilt when a weight
-            changes). Used only without autograd (under ``torch.no_grad``) and not for DoRA.
+        merge_cache: run a single model on all rows (or a row block) with cached merged weights
+            W + dW (the cost of the base; one copy of the adapted layers' weights per adapter, e.g.
+            357 MiB fp32 for SD 1.5's attention projections; rebuilt when a weight changes). Not
+            used for DoRA, nor under autograd when a LoRA factor requires grad (training).
     """
 
     def __init__(self, model: torch.nn.Module, mode: str = "auto", merge_cache: bool = True):
@@ -121,7 +122,14 @@ class Blender:
         return hit[1]
 
     def _can_merge(self, names) -> bool:
-        return self.merge_cache and not torch.is_grad_enabled() and not any(n in self.dora for n in names)
+        """Merged weights are exact for values and for gradients w.r.t. the input (e.g. reward
+        guidance), but give no gradient to the LoRA factors: not when one of them is being trained."""
+        if not self.merge_cache or any(n in self.dora for n in names):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(m[n].weight.requires_grad for layer in self.layers for m in (layer.lora_A, layer.lora_B)
+                       for n in names if n in m)
 
     def _routed(self, names: list[str], spans: list[tuple[int, int]] | None = None):
         """Context in which row r runs model ``names[r]``: merged weights per contiguous row block
