@@ -270,3 +270,12 @@ def test_from_pretrained_directory(sd, tmp_path):
     bp.pipe.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_run(bp, weights={"x": 1.0}, kl_strength=0.6), _run(sd, weights={"aes": 1.0},
                                kl_strength=0.6), atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_loads_a_digits_pipeline_folder():
+    # DigitsPipeline is not a diffusers class: DiffusionPipeline.from_pretrained alone cannot load its folder
+    from diffblend.pipeline import BlendPipeline
+    from diffblend.zoo import weights_dir
+
+    bp = BlendPipeline.from_pretrained(str(weights_dir("base")))
+    assert type(bp.pipe).__name__ == "DigitsPipeline" and bp.component == "unet"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,18 @@ def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
     if name.startswith("DDIM"):
         return _eta(pipe, call_kwargs) > 0
     return bool(getattr(getattr(scheduler, "config", None), "stochastic_sampling", False))
+
+
+def _pipeline_class(model: str | Path) -> Any:
+    """The class that loads ``model``: diffusers' DiffusionPipeline, or ours for a DigitsPipeline folder."""
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
+        from .zoo.pipeline import DigitsPipeline
+
+        return DigitsPipeline
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
 
 
 class BlendPipeline:
@@ -100,10 +113,11 @@ class BlendPipeline:
     def from_pretrained(cls, model: str | Path, adapters: Mapping[str, str | Path] | None = None, *,
                         mode: str = "auto", allow_pickle: bool = False, text_encoder: str = "refuse",
                         merge_cache: bool = True, **pipe_kwargs: Any) -> BlendPipeline:
-        """``DiffusionPipeline.from_pretrained(model, **pipe_kwargs)`` (a local directory here), then adapters."""
-        from diffusers import DiffusionPipeline
+        """``DiffusionPipeline.from_pretrained(model, **pipe_kwargs)`` (a local directory here), then adapters.
 
-        return cls(DiffusionPipeline.from_pretrained(model, **pipe_kwargs), adapters, mode=mode,
+        A folder saved by the embedded default's ``DigitsPipeline`` (not a diffusers class) loads too.
+        """
+        return cls(_pipeline_class(model).from_pretrained(model, **pipe_kwargs), adapters, mode=mode,
                    allow_pickle=allow_pickle, text_encoder=text_encoder, merge_cache=merge_cache)
 
     # -- adapters ------------------------------------------------------------------------------
