@@ -163,7 +163,10 @@ def _adapter_hashes() -> str:
         from diffblend.zoo.generate import shipped_adapters
     except ImportError:
         return "-"
-    files = shipped_adapters()
+    try:
+        files = shipped_adapters(include_oracles=True)
+    except TypeError:
+        files = shipped_adapters()
     return ", ".join(f"{n} {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for n, p in files.items()) or "-"
 
 

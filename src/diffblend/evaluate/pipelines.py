@@ -215,7 +215,10 @@ def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float
     from ..rewards import canonical_name, parse_reward_weights
     from ..zoo.generate import shipped_adapters
 
-    files = shipped_adapters()
+    try:
+        files = shipped_adapters(include_oracles=True)
+    except TypeError:  # an older loader that always listed every adapter
+        files = shipped_adapters()
     folder = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
     manifest = {}
     if (folder / "manifest.json").is_file():
