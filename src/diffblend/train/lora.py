@@ -123,7 +123,11 @@ def save_lora(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=lora_state_dict(unet), weight_name="adapter.safetensors",
             safe_serialization=True, unet_lora_adapter_metadata=config)
-        os.replace(tmp / "adapter.safetensors", path)
+        written = tmp / "adapter.safetensors"
+        umask = os.umask(0)  # read the umask (no other way) and put it back at once
+        os.umask(umask)
+        os.chmod(written, 0o666 & ~umask)  # a plain file's mode, not the private one of a temp file
+        os.replace(written, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
