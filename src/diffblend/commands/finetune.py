@@ -34,8 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the rollouts (default 20)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale of the rollouts (default 2.0)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
-    p.add_argument("--minibatch-size", type=int, default=8, help="trajectories per optimizer step (default 8)")
+    p.add_argument("--lr", type=float, default=1e-2,
+                   help="AdamW learning rate (default 1e-2, as the shipped digits adapters; SD-size models: 1e-4 or less)")
+    p.add_argument("--minibatch-size", type=int, default=16,
+                   help="trajectories per optimizer step (default 16: one step per epoch at the default batch)")
     p.add_argument("--timestep-fraction", type=float, default=1.0,
                    help="share of the steps of each trajectory trained on, in (0, 1] (default 1)")
     p.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip (default 1e-4)")

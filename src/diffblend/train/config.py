@@ -37,12 +37,12 @@ class FinetuneConfig:
     guidance_scale: float = 2.0  # CFG scale of the rollouts, as at inference (1 = none; 2 = the digits default)
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
     inner_epochs: int = 1  # passes over each epoch's rollouts
-    minibatch_size: int = 8  # trajectories per optimizer step
+    minibatch_size: int = 16  # trajectories per optimizer step (16 = the whole epoch's batch: one step per epoch)
     timestep_fraction: float = 1.0  # fraction of the num_steps transitions trained per trajectory, (0, 1]
     clip_range: float = 1e-4  # PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)
     step_weighting: str = "pred"  # "pred": scale step t's PG loss by sigma_t / |d mean / d pred| (prediction units); "none": plain DDPO
     adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max], in reward std units
-    lr: float = 3e-4  # AdamW learning rate
+    lr: float = 1e-2  # AdamW learning rate (the digits model's adapters; SD-size models want 1e-4 or less)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping (L2 norm over the LoRA parameters)
