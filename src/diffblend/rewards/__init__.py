@@ -13,6 +13,7 @@ from .registry import (
     UnknownRewardError,
     available_rewards,
     canonical_name,
+    combine_rewards,
     get_reward,
     parse_reward_weights,
     register_reward,
@@ -20,5 +21,5 @@ from .registry import (
     weighted_reward,
 )
 
-__all__ = ["RewardFn", "RewardSpec", "UnknownRewardError", "available_rewards", "canonical_name", "get_reward",
+__all__ = ["RewardFn", "RewardSpec", "UnknownRewardError", "available_rewards", "canonical_name", "combine_rewards", "get_reward",
            "parse_reward_weights", "register_reward", "reward_info", "weighted_reward"]

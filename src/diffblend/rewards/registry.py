@@ -16,7 +16,6 @@ folder's path then works wherever a name does, and the factory receives ``path=<
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 RewardFn = Callable[[torch.Tensor, Sequence[str], Any], "tuple[torch.Tensor, dict]"]
 
 __all__ = ["RewardFn", "RewardSpec", "UnknownRewardError", "register_reward", "available_rewards", "get_reward",
-           "reward_info", "parse_reward_weights", "weighted_reward", "canonical_name"]
+           "reward_info", "parse_reward_weights", "weighted_reward", "combine_rewards", "canonical_name"]
 
 
 class UnknownRewardError(KeyError, ValueError):
@@ -111,35 +110,24 @@ def parse_reward_weights(text: str) -> dict[str, float]:
     Raises:
         ValueError / UnknownRewardError: naming the malformed item.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("reward weights are empty; expected NAME=W[,NAME=W...], e.g. jpeg_compressibility=0.5,legibility=0.5")
+    from ..weights import parse_weights
+
     out: dict[str, float] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"reward weights item {item!r} is malformed; expected NAME=W, e.g. legibility=0.5")
+    for name, w in parse_weights(text, what="reward weights", example="legibility=0.5", nonnegative=True).items():
         key = canonical_name(name)
         if key in out:
             raise ValueError(f"reward weights name {key!r} twice")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"reward weights item {item!r}: {value.strip()!r} is not a number") from None
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"reward weights item {item!r}: the weight must be finite and >= 0")
         out[key] = w
     if sum(out.values()) <= 0:
         raise ValueError(f"reward weights {text!r} must have a positive sum")
     return out
 
 
-def weighted_reward(weights: Mapping[str, float], device: str | torch.device = "cpu",
-                    options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
-    """r(w) = sum_i w_i r_i (the MORL oracle's reward). ``info["components"][name]`` holds each r_i (B,)."""
-    if not weights:
-        raise ValueError("weights must name at least one reward")
-    options = options or {}
-    parts = {name: (float(w), get_reward(name, device=device, **options.get(name, {}))) for name, w in weights.items()}
+def combine_rewards(parts: Mapping[str, tuple[float, RewardFn]]) -> RewardFn:
+    """r(w) = sum_i w_i r_i over ``{name: (w_i, r_i)}``; ``info["components"][name]`` holds each r_i (B,)."""
+    if not parts:
+        raise ValueError("a weighted reward must name at least one reward")
+    parts = {name: (float(w), r) for name, (w, r) in parts.items()}
 
     def fn(images: torch.Tensor, prompts: Sequence[str], metadata: Any = None) -> tuple[torch.Tensor, dict]:
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
@@ -151,6 +139,16 @@ def weighted_reward(weights: Mapping[str, float], device: str | torch.device = "
         return total, {"components": components, "weights": {n: w for n, (w, _) in parts.items()}}
 
     return fn
+
+
+def weighted_reward(weights: Mapping[str, float], device: str | torch.device = "cpu",
+                    options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
+    """r(w) = sum_i w_i r_i (the MORL oracle's reward) over registered rewards; see :func:`combine_rewards`."""
+    if not weights:
+        raise ValueError("weights must name at least one reward")
+    options = options or {}
+    return combine_rewards(
+        {name: (w, get_reward(name, device=device, **options.get(name, {}))) for name, w in weights.items()})
 
 
 def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) -> RewardFn:

@@ -14,11 +14,11 @@ Heavy imports (diffusers, peft, accelerate) happen inside the functions that nee
 from .config import DIGIT_PROMPTS, FinetuneConfig
 from .lora import LORA_TARGETS, add_lora, base_model, load_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
-from .reward import parse_reward_spec, resolve_reward, weighted_reward
+from .reward import parse_reward_spec, resolve_reward
 from .trainer import FinetuneResult, finetune, load_policy
 
 __all__ = [
     "DIGIT_PROMPTS", "FinetuneConfig", "LORA_TARGETS", "add_lora", "base_model", "load_lora_file",
     "lora_state_dict", "save_lora", "set_lora_state_dict", "DiffusionPolicy", "unet_denoiser",
-    "parse_reward_spec", "resolve_reward", "weighted_reward", "FinetuneResult", "finetune", "load_policy",
+    "parse_reward_spec", "resolve_reward", "FinetuneResult", "finetune", "load_policy",
 ]

@@ -6,7 +6,6 @@ and scores (B,), higher is better (ddpo-pytorch's contract, the one of ``diffble
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 
 RewardFn = Callable[[torch.Tensor, Sequence[str], Any], "tuple[torch.Tensor, dict]"]
 
-__all__ = ["RewardFn", "parse_reward_spec", "resolve_reward", "weighted_reward"]
+__all__ = ["RewardFn", "parse_reward_spec", "resolve_reward"]
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:
@@ -24,47 +23,19 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
         ValueError: for an empty spec, a malformed item, a repeated name, a weight that is not a
             finite number >= 0, or weights that do not sum to 1 (w is a probability vector).
     """
+    from diffblend.weights import parse_weights
+
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("reward is empty; expected NAME or NAME=W,NAME=W (e.g. jpeg_compressibility=0.5,legibility=0.5)")
     if "=" not in spec:
         if "," in spec:
             raise ValueError(f"reward {spec!r}: several names need weights, e.g. a=0.5,b=0.5")
         return {spec.strip(): 1.0}
-    out: dict[str, float] = {}
-    for item in spec.split(","):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ValueError(f"reward item {item!r} is malformed; expected NAME=W, e.g. legibility=0.5")
-        if name in out:
-            raise ValueError(f"reward names {name!r} twice")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"reward item {item!r}: {value.strip()!r} is not a number") from None
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"reward weight of {name!r} must be a finite number >= 0, got {value.strip()!r}")
-        out[name] = w
+    out = parse_weights(spec, what="reward", example="legibility=0.5", nonnegative=True)
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
         raise ValueError(f"reward weights must sum to 1 (w is a probability vector), got {total:.6g} in {spec!r}")
     return out
-
-
-def weighted_reward(parts: Mapping[str, tuple[float, RewardFn]]) -> RewardFn:
-    """r(w) = sum_i w_i r_i over ``{name: (w_i, r_i)}``; info holds each r_i's scores as ``"<name>"``."""
-
-    def fn(images: torch.Tensor, prompts: Sequence[str], metadata: Any = None):
-        total, info = None, {}
-        for name, (w, r) in parts.items():
-            scores, sub = r(images, prompts, metadata)
-            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-            info[name] = scores.detach()
-            info.update({f"{name}/{k}": v for k, v in (sub or {}).items()})
-            total = w * scores if total is None else total + w * scores
-        return total, info
-
-    return fn
 
 
 def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = None,
@@ -92,7 +63,9 @@ def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = Non
                 raise ValueError(f"unknown reward {name!r}" + (f": {exc.args[0]}" if exc.args else "")) from None
         if len(weights) == 1:
             return fns[next(iter(weights))]
-        return weighted_reward({n: (w, fns[n]) for n, w in weights.items()})
+        from diffblend.rewards import combine_rewards
+
+        return combine_rewards({n: (w, fns[n]) for n, w in weights.items()})
 
     from diffblend import rewards  # the registry; its factories import their models lazily
 

@@ -54,7 +54,7 @@ def sample_rewards(bp: Any, per_digit: int = 50, seed: int = 0, weights: Mapping
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..commands._util import parse_weights
+    from ..weights import parse_weights
     from ..commands.generate import parse_adapters
     from .generate import load_blend_pipeline, resolve_weight_names
 
