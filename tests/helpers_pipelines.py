@@ -11,20 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
-__all__ = ["tiny_sd", "tiny_sdxl", "save_random_lora", "LORA_TARGETS", "one_thread"]
+__all__ = ["tiny_sd", "tiny_sdxl", "save_random_lora", "LORA_TARGETS"]
 
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Run a module's tests on one intra-op thread (restored after): these models are so small that
-    thread start-up dominates, and on a shared 2-core machine more threads made them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # Attention projections, the transformer's in/out projections and the resnets' time projections
 # (a (B, C) input, unlike the (B, N, C) of attention): routing must hold for every input layout.

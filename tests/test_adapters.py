@@ -16,15 +16,14 @@ from diffblend.adapters import AdapterError, Blender, _compat, blend_denoiser
 from diffblend.core.blend import BASE, Blend
 from diffblend.core.sampling import NoiseSchedule, randn, sample
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl  # noqa: F401 (a pytest fixture)
+from helpers_pipelines import save_random_lora, tiny_sd, tiny_sdxl
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 2e-4
 NAMES = ("aes", "txt", "cmp")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, one_thread):
+def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     pipe = tiny_sd(d)
     out = {n: save_random_lora(pipe, d / n, seed=i + 1) for i, n in enumerate(NAMES)}

@@ -17,9 +17,7 @@ import torch
 from diffblend.adapters import blend_denoiser
 from diffblend.core.blend import BASE, Blend
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread  # noqa: F401 (a pytest fixture)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-5
 
 
@@ -56,7 +54,7 @@ def _use(model, name):
 
 
 @pytest.fixture(scope="module")
-def sd3(tmp_path_factory, one_thread):
+def sd3(tmp_path_factory):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     d = tmp_path_factory.mktemp("sd3")

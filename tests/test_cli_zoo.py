@@ -8,16 +8,6 @@ import torch
 from diffblend.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads of tiny ops spin against other jobs
-    (measured 13 s vs 1 s for 25 tiny training steps)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """Two small LoRA adapters for the shipped base (random B, so they differ), saved by diffusers."""

@@ -18,9 +18,8 @@ from diffusers import DDIMScheduler
 import diffblend.adapters.blender as blender_mod
 from diffblend.core.blend import BASE, Blend
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd, tiny_sdxl  # noqa: F401 (a pytest fixture)
+from helpers_pipelines import save_random_lora, tiny_sd, tiny_sdxl
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 2e-4
 STEPS = 3
@@ -32,7 +31,7 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory, one_thread):
+def sd(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd")
     pipe = tiny_sd(d)
     files = {n: save_random_lora(pipe, d / n, seed=i + 1) for i, n in enumerate(NAMES)}
@@ -40,7 +39,7 @@ def sd(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory, one_thread):
+def sdxl(tmp_path_factory):
     d = tmp_path_factory.mktemp("sdxl")
     pipe = tiny_sdxl(d)
     files = {n: save_random_lora(pipe, d / n, seed=i + 11) for i, n in enumerate(NAMES[:2])}

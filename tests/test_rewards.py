@@ -11,16 +11,6 @@ from diffblend.rewards import (UnknownRewardError, available_rewards, canonical_
 from diffblend.zoo.data import load_split, parse_digit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads of tiny ops spin against other jobs
-    (measured 13 s vs 1 s for 25 tiny training steps)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _noise(b=4, seed=0):
     return torch.rand(b, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
 

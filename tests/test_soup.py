@@ -12,15 +12,14 @@ import torch
 
 from diffblend.baselines.soup import factor_interpolation_delta, soup_delta
 from diffblend.pipeline import BlendPipeline
-from helpers_pipelines import one_thread, save_random_lora, tiny_sd  # noqa: F401 (a pytest fixture)
+from helpers_pipelines import save_random_lora, tiny_sd
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 2e-4
 W = {"aes": 0.3, "txt": 0.7}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
+def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("soup")
     pipe = tiny_sd(d)
     files = {n: save_random_lora(pipe, d / n, seed=i + 21) for i, n in enumerate(W)}

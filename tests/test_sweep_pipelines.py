@@ -24,17 +24,8 @@ def jpeg_like(images, prompts, meta):  # no gradient, like the JPEG-size reward
     return images.detach().round().mean(dim=(1, 2, 3)), {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine more threads only contend (several x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def backend(one_thread, tmp_path_factory):
+def backend(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     pipe = tiny_sd(tmp)
     a = save_random_lora(pipe, tmp / "a", seed=1)

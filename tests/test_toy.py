@@ -14,14 +14,6 @@ from diffblend.toybench import default_problem, null_energy_distance, sliced_ene
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The toy's tensors are tiny: intra-op threads only add overhead (measured 4-10x slower per op
-    with 2 threads on a loaded 2-core machine). Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 # exact identities in float64: values are O(1-10) and pass through a few 2x2 inversions and a
 # logsumexp, so round-off is ~1e-14; 1e-9 leaves room without hiding any formula error.
 EXACT = 1e-9

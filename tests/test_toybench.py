@@ -23,16 +23,6 @@ from diffblend.toybench import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The toy's tensors are tiny: intra-op threads only add overhead (measured 4-10x slower per op
-    with 2 threads on a loaded 2-core machine). Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sliced_energy_distance_equals_energy_distance_in_2d():
     g = torch.Generator().manual_seed(0)
     for n, m in [(300, 300), (400, 150)]:

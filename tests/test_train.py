@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from diffblend.core import NoiseSchedule, ddim_step, randn, sample
+from diffblend.core import NoiseSchedule, randn, sample
 from diffblend.train import (
     DiffusionPolicy, FinetuneConfig, add_lora, base_model, finetune, load_lora_file, lora_state_dict,
     parse_reward_spec, resolve_reward, save_lora, set_lora_state_dict, unet_denoiser,
@@ -21,17 +21,6 @@ from diffblend.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from diffblend.train.dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight
 from diffblend.train.lora import lora_parameters
 from diffblend.train.trainer import sample_generators
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine extra OpenMP threads
-    only spin against each other (measured on the loaded machine: this file took 151 s with the default
-    two threads, 40 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_unet(size: int = 4, seed: int = 0):
@@ -373,7 +362,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     cfg = small_cfg(epochs=4, checkpoint_every=1)
-    full = finetune(cfg, tmp_path / "a", policy=tiny_policy(), reward_fn=brightness, progress=False)
+    finetune(cfg, tmp_path / "a", policy=tiny_policy(), reward_fn=brightness, progress=False)
     # "killed" after 2 epochs, then resumed with a fresh model object
     part = finetune(cfg, tmp_path / "b", policy=tiny_policy(), reward_fn=brightness, progress=False, stop_after=2)
     assert part.epochs == 2 and not part.adapter.exists()

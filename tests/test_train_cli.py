@@ -5,18 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from diffblend.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine: extra OpenMP threads only spin (see test_train.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

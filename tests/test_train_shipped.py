@@ -13,14 +13,6 @@ FOLDER = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
 MANIFEST = FOLDER / "manifest.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _entries():
     if not MANIFEST.is_file():
         return {}

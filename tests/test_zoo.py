@@ -10,15 +10,6 @@ from diffblend.zoo.model import build_pipeline
 from diffblend.zoo.train_base import TrainBaseConfig, diffusion_loss, train_base, training_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads of tiny ops spin against other jobs
-    (measured 13 s vs 1 s for 25 tiny training steps)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TINY = (8, 8, 16)  # UNet channels for fast tests (divisible by norm_num_groups=8)
 
 

@@ -6,7 +6,7 @@ and scores (B,), higher is better (ddpo-pytorch's contract, the one of ``diffble
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
