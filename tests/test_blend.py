@@ -170,3 +170,32 @@ def test_ls_denoiser_runs_one_model_per_sample():
 def test_soup_is_not_a_prediction_blend():
     with pytest.raises(ValueError, match="soup"):
         blend_denoisers(_toy_models(), Blend.create([1, 0, 0], NAMES, method="soup"))
+
+
+def test_ls_sample_keys_make_a_draw_follow_its_sample():
+    c = Blend.create([0.2, 0.3, 0.5], NAMES, kl_strength=0.8).coefficients()
+    keys = [101, 7, 55, 3, 900, 42]
+    a = ls_choices(c, seed=3, step=7, num_samples=6, sample_keys=keys)
+    perm = [5, 2, 0, 4, 1, 3]
+    b = ls_choices(c, seed=3, step=7, num_samples=6, sample_keys=[keys[i] for i in perm])
+    assert torch.equal(b, a[perm])  # reorder the samples: the draws move with them
+    assert torch.equal(a[2:4], ls_choices(c, 3, 7, 2, sample_keys=keys[2:4]))  # any batch split
+    # still distributed as c: 20k keyed draws, 4 sigma <= 4 * sqrt(0.25 / 20000) = 0.014
+    many = ls_choices(c, seed=0, step=1, num_samples=20000, sample_keys=list(range(20000)))
+    assert torch.allclose(torch.bincount(many, minlength=4).double() / 20000, c, atol=0.014)
+    with pytest.raises(ValueError, match="sample_keys has 2 keys for 3 samples"):
+        ls_choices(c, 0, 0, 3, sample_keys=[1, 2])
+
+
+def test_blend_sample_keys_key_the_ls_denoiser():
+    models = _toy_models()
+    keys = (11, 12, 13, 14, 15, 16, 17, 18)
+    b = Blend.create([0.5, 0.5, 0.0], NAMES, method="ls", seed=4, sample_keys=keys)
+    x, t = torch.randn(8, 3), torch.full((8,), 300)
+    out = blend_denoisers(models, b)(x, t, None)
+    rev = Blend.create([0.5, 0.5, 0.0], NAMES, method="ls", seed=4, sample_keys=keys[::-1])
+    assert torch.equal(blend_denoisers(models, rev)(x.flip(0), t, None), out.flip(0))
+    with pytest.raises(ValueError, match="sample_keys must be integers"):
+        Blend.create([1, 0, 0], NAMES, sample_keys=[1.5])
+    with pytest.raises(ValueError, match="sample_keys has 8 keys for 2 samples"):
+        blend_denoisers(models, b)(x[:2], t[:2], None)

@@ -122,3 +122,13 @@ def test_sweep_cli_on_the_toy_resumes(tmp_path):
     assert n == (1 + 2 + 2) * 2
     assert main(argv) == 0 and len(read_records(out)) == n  # nothing twice
     assert main(["sweep", "--model", "toy", "--rewards", "right", "-o", str(out)]) == 1  # not a pair
+
+
+def test_ls_images_do_not_depend_on_their_batch():
+    # LS draws are keyed on each image's own seed: the same (prompt, seed) gives the same image
+    # alone or inside a batch in another order (what makes a resumed sweep reproduce its images)
+    st = Setting.make("ls", {"right": 0.5, "up": 0.5})
+    prompts, seeds = ["a", "b", "c", "d"], [0, 1, 2, 3]
+    together = generate(BACKEND, st, prompts, seeds).x0
+    apart = torch.cat([generate(BACKEND, st, [p], [s]).x0 for p, s in zip(prompts[::-1], seeds[::-1])])
+    assert torch.equal(together, apart.flip(0))

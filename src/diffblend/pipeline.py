@@ -145,12 +145,13 @@ class BlendPipeline:
 
     # -- blending ------------------------------------------------------------------------------
     def make_blend(self, weights: Mapping[str, float] | Sequence[float] | None, *, kl_strength: float = 1.0,
-                   method: str = "mpa", blend_seed: int = 0, normalize: bool = False) -> Blend | None:
+                   method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
+                   sample_keys: Sequence[int] | None = None) -> Blend | None:
         """Validate a blend over this pipeline's adapters (None weights: the base model)."""
         if weights is None:
             return None
         return Blend.create(weights, self.adapter_names, kl_strength=kl_strength, method=method, seed=blend_seed,
-                            normalize=normalize)
+                            normalize=normalize, sample_keys=sample_keys)
 
     def denoiser(self, blend: Blend | None, **kwargs: Any) -> Denoiser:
         """:func:`blend_denoiser` over this pipeline's denoiser (for ``core.sample``)."""
@@ -179,7 +180,7 @@ class BlendPipeline:
 
     def __call__(self, *args: Any, weights: Mapping[str, float] | Sequence[float] | None = None,
                  kl_strength: float = 1.0, method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
-                 mode: str | None = None, **pipe_kwargs: Any) -> Any:
+                 sample_keys: Sequence[int] | None = None, mode: str | None = None, **pipe_kwargs: Any) -> Any:
         """Run the pipeline with its usual arguments, blending the adapters with w = ``weights``.
 
         Args:
@@ -188,6 +189,8 @@ class BlendPipeline:
             kl_strength: lambda >= 0 (1: DB-MPA; < 1 closer to the base; > 1 extrapolates, MPA only).
             method: "mpa", "ls" or "soup".
             blend_seed: seed of the LS draws (per sample and step; the pipeline's generator is untouched).
+            sample_keys: one integer per image (e.g. the seed of its generator) that keys its LS draws
+                instead of its row in the batch, so an image draws the same adapters in any batch.
             mode: override the execution mode for this call.
             **pipe_kwargs: the pipeline's own arguments (prompt, num_inference_steps, guidance_scale,
                 eta, generator, latents, output_type, callback_on_step_end, ...).
@@ -198,7 +201,7 @@ class BlendPipeline:
         if set(getattr(self.model, "peft_config", None) or {}) != set(self.blender.adapter_names):
             self.blender.refresh()  # adapters were loaded or deleted through diffusers since
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
-                                normalize=normalize)
+                                normalize=normalize, sample_keys=sample_keys)
         self.blender.check(blend, self.blender.resolve(blend, mode))
         if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe, pipe_kwargs):
             warnings.warn(

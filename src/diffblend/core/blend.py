@@ -56,6 +56,9 @@ class Blend:
         method: ``"mpa"`` (weighted sum of predictions), ``"ls"`` (one model drawn per step and
             sample), or ``"soup"`` (Rewarded Soup: weight-space interpolation; the baseline).
         seed: seed of the LS draws (ignored by the other methods).
+        sample_keys: optional per-sample integers (e.g. each image's noise seed) that key the LS
+            draws instead of the sample's row in the batch, so an image draws the same adapters
+            whatever batch it is generated in (a resumed sweep reproduces it).
     """
 
     names: tuple[str, ...]
@@ -63,6 +66,7 @@ class Blend:
     kl_strength: float = 1.0
     method: str = "mpa"
     seed: int = 0
+    sample_keys: tuple[int, ...] | None = None
 
     @classmethod
     def create(
@@ -74,6 +78,7 @@ class Blend:
         method: str = "mpa",
         seed: int = 0,
         normalize: bool = False,
+        sample_keys: Sequence[int] | None = None,
     ) -> Blend:
         """Validate and build a blend.
 
@@ -85,6 +90,7 @@ class Blend:
             method: one of ``"mpa"``, ``"ls"``, ``"soup"``.
             seed: integer seed for the LS draws.
             normalize: divide w by its sum instead of requiring sum(w) = 1.
+            sample_keys: per-sample integer keys of the LS draws (see the class docstring).
 
         Raises:
             ValueError: naming the argument and what is allowed.
@@ -93,6 +99,10 @@ class Blend:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if sample_keys is not None:
+            sample_keys = tuple(sample_keys)
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in sample_keys):
+                raise ValueError(f"sample_keys must be integers, got {list(sample_keys)[:8]}")
         lam = _check_number("kl_strength (lambda)", kl_strength)
         if lam < 0:
             raise ValueError(f"kl_strength (lambda) must be >= 0, got {lam}")
@@ -154,7 +164,8 @@ class Blend:
                 f"gives the base coefficient 1 - lambda = {1 - lam:.3g} < 0 (Prop. 2 does not hold); "
                 f"use method='mpa' to extrapolate"
             )
-        return cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed)
+        return cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed,
+                   sample_keys=sample_keys)
 
     # -- coefficients --------------------------------------------------------------------------
     @property
@@ -178,6 +189,13 @@ class Blend:
             "method": self.method,
             "seed": self.seed,
         }
+
+    def choices(self, step: int, num_samples: int) -> torch.Tensor:
+        """The LS draws of this blend at ``step`` for ``num_samples`` samples; (B,) model indices.
+
+        Keyed on the sample's row, or on ``sample_keys`` when given (then there must be one per sample).
+        """
+        return ls_choices(self.coefficients(), self.seed, step, num_samples, sample_keys=self.sample_keys)
 
 
 def combine(preds: torch.Tensor | Sequence[torch.Tensor], coeffs: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -208,18 +226,22 @@ def step_key(t: float | int | torch.Tensor) -> int:
     return int(round(float(t) * 1000))
 
 
-def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int) -> torch.Tensor:
+def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int,
+               sample_keys: Sequence[int] | None = None) -> torch.Tensor:
     """DB-MPA-LS draws: for each sample, the index of the one model to run at this step.
 
     Sample j's draw is the j-th uniform of a ``torch.Generator`` seeded by ``(seed, step)``, so it
     depends only on (seed, step, j): not on call order, batch splitting, or CFG (the cond and
-    uncond halves of a sample use the same draw). Index k is drawn with probability c_k.
+    uncond halves of a sample use the same draw). With ``sample_keys``, sample j's uniform comes
+    from its own generator seeded by ``(seed, step, sample_keys[j])`` instead, so the draw follows
+    the sample, not its row. Index k is drawn with probability c_k.
 
     Args:
         coeffs: (K,) non-negative coefficients summing to 1.
         seed: the blend's seed.
         step: a per-step key, e.g. ``step_key(t)``.
         num_samples: B.
+        sample_keys: optional (B,) integer keys, one per sample.
 
     Returns:
         (B,) int64 indices into the K models.
@@ -227,10 +249,25 @@ def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int) -> 
     coeffs = torch.as_tensor(coeffs, dtype=torch.float64).cpu()
     if (coeffs < 0).any():
         raise ValueError("ls_choices needs non-negative coefficients (lambda <= 1); use MPA")
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
-    u = torch.rand(num_samples, generator=gen, dtype=torch.float64)
+    if sample_keys is None:
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+        u = torch.rand(num_samples, generator=gen, dtype=torch.float64)
+    else:
+        if len(sample_keys) != num_samples:
+            raise ValueError(f"sample_keys has {len(sample_keys)} keys for {num_samples} samples")
+        u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(_mix(seed, step, k)), dtype=torch.float64)
+                       for k in sample_keys]) if num_samples else torch.zeros(0, dtype=torch.float64)
     cdf = torch.cumsum(coeffs / coeffs.sum(), 0)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(coeffs) - 1)
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style mixing, so nearby inputs give unrelated seeds)."""
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable:
@@ -249,7 +286,6 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable
     """
     if blend.method == "soup":
         raise ValueError("method 'soup' blends weights, not predictions: use the adapter layer")
-    coeffs = blend.coefficients()
     names = blend.model_names
     missing = [n for n, c in blend.active() if n not in denoisers]
     if missing:
@@ -260,7 +296,7 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable
             active = [(n, c) for n, c in blend.active()]
             preds = torch.stack([denoisers[n](x, t, cond) for n, _ in active])
             return combine(preds, [c for _, c in active])
-        choice = ls_choices(coeffs, blend.seed, step_key(t), x.shape[0]).to(x.device)
+        choice = blend.choices(step_key(t), x.shape[0]).to(x.device)
         out = None
         for k in choice.unique().tolist():
             rows = (choice == k).nonzero().squeeze(1)

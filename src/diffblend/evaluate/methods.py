@@ -15,8 +15,9 @@ embedded digits model, any diffusers pipeline with one LoRA adapter per reward):
     morl    the MORL oracle fine-tuned on r(w) (one adapter per w)         1 x steps
 
 Noise is paired: image (prompt, seed) draws x_T and all its step noise from one generator seeded
-by :func:`sample_seed`, whatever the method, w, lambda or batch it is in. (LS's adapter draws are
-keyed on the row within the batch, as the core's ``ls_choices`` defines them.)
+by :func:`sample_seed`, whatever the method, w, lambda or batch it is in; LS's adapter draws are
+keyed on the same per-image seed (``Blend.sample_keys``), so they too follow the image, not its
+row in the batch (a resumed sweep reproduces every image).
 """
 
 from __future__ import annotations
@@ -138,11 +139,14 @@ def _noise(backend: Backend, prompts: Sequence[str], seeds: Sequence[int]):
     return x, gens
 
 
-def _blend(setting: Setting, method: str, options: MethodOptions) -> Blend:
+def _blend(setting: Setting, method: str, options: MethodOptions, prompts: Sequence[str],
+           seeds: Sequence[int]) -> Blend:
     if setting.weights is None:
         raise ValueError(f"method {setting.method!r} needs weights")
     lam = 1.0 if setting.lam is None else setting.lam
-    return Blend.create(setting.weights_dict, kl_strength=lam, method=method, seed=options.blend_seed)
+    keys = [sample_seed(p, s) for p, s in zip(prompts, seeds)] if method == "ls" else None
+    return Blend.create(setting.weights_dict, kl_strength=lam, method=method, seed=options.blend_seed,
+                        sample_keys=keys)
 
 
 def _plain(backend, setting, prompts, seeds, options, denoiser, nfe_per_step) -> GenResult:
@@ -158,7 +162,7 @@ def _gen_base(backend, setting, prompts, seeds, options):
 
 def _gen_blend(method: str) -> Callable:
     def gen(backend, setting, prompts, seeds, options):
-        blend = _blend(setting, method, options)
+        blend = _blend(setting, method, options, prompts, seeds)
         per_step = len(blend.active()) if method == "mpa" else 1
         return _plain(backend, setting, prompts, seeds, options, backend.denoiser(blend), per_step)
 
