@@ -132,3 +132,17 @@ def test_ls_images_do_not_depend_on_their_batch():
     together = generate(BACKEND, st, prompts, seeds).x0
     apart = torch.cat([generate(BACKEND, st, [p], [s]).x0 for p, s in zip(prompts[::-1], seeds[::-1])])
     assert torch.equal(together, apart.flip(0))
+
+
+def test_single_process_rerun_folds_in_the_shards_of_a_killed_parallel_run(tmp_path):
+    # A parallel run killed before its merge leaves shards; a plain rerun skips their records, so it
+    # must fold them into the records file (which is all the report reads) or they are lost.
+    path = tmp_path / "r.jsonl"
+    st = build_settings(["base", "mpa"], GRID[1:2])
+    run_sweep(BACKEND, st, PROMPTS, SEEDS[:1], path, progress=False, process_index=0, num_processes=2)
+    stats = run_sweep(BACKEND, st, PROMPTS, SEEDS[:1], path, progress=False)
+    assert stats.skipped == len(PROMPTS) and stats.generated == len(PROMPTS)
+    keys = [record_key(r) for r in read_records(path)]
+    assert len(keys) == len(set(keys)) == len(st) * len(PROMPTS)
+    assert not shard_path(path, 0).exists()
+

@@ -154,7 +154,8 @@ def run_sweep(
         settings: from :func:`build_settings`.
         prompts, seeds: every setting generates every (prompt, seed) pair; image (p, s) gets the
             same noise in every setting (``methods.sample_seed``).
-        records_path: the JSONL file; with ``num_processes > 1`` this process writes its shard.
+        records_path: the JSONL file; with ``num_processes > 1`` this process writes its shard; a
+            single process first merges any shards a killed parallel run left.
         batch_size: images per generation call (the same for every method, so seconds compare).
         images_dir: if given, save each image as PNG there and record its path relative to the
             records file's folder.
@@ -170,6 +171,10 @@ def run_sweep(
         raise ValueError("a sweep needs at least one prompt and one seed")
     records_path = Path(records_path)
     out_path = records_path if num_processes == 1 else shard_path(records_path, process_index)
+    if num_processes == 1 and _shards(records_path):
+        # Shards of a parallel run killed before its merge: their records count as done below, so
+        # fold them into the records file now (no other process writes them), or they would be lost.
+        merge_shards(records_path)
     done = done_keys(records_path)
     mine = list(settings)[process_index::num_processes]
     pairs = [(str(p), int(s)) for p in prompts for s in seeds]
