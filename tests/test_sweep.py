@@ -146,3 +146,10 @@ def test_single_process_rerun_folds_in_the_shards_of_a_killed_parallel_run(tmp_p
     assert len(keys) == len(set(keys)) == len(st) * len(PROMPTS)
     assert not shard_path(path, 0).exists()
 
+
+
+def test_a_repeated_prompt_or_seed_is_generated_and_recorded_once(tmp_path):
+    path = tmp_path / "r.jsonl"
+    stats = run_sweep(BACKEND, build_settings(["base"], GRID), ["a", "a", "b"], [0, 0], path, progress=False)
+    keys = [record_key(r) for r in read_records(path)]
+    assert len(keys) == len(set(keys)) == 2 and stats.generated == 2

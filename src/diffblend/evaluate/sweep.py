@@ -177,7 +177,8 @@ def run_sweep(
         merge_shards(records_path)
     done = done_keys(records_path)
     mine = list(settings)[process_index::num_processes]
-    pairs = [(str(p), int(s)) for p in prompts for s in seeds]
+    # dict.fromkeys: a prompt or seed listed twice is one image (one record), not a duplicate.
+    pairs = list(dict.fromkeys((str(p), int(s)) for p in prompts for s in seeds))
     work = []
     stats = SweepStats(settings=len(mine))
     for st in mine:
