@@ -183,3 +183,17 @@ def test_bad_arguments():
         NoiseSchedule(ns.alphas_cumprod, prediction_type="flow")
     with pytest.raises(ValueError, match="one generator per sample"):
         randn((3, 2), [torch.Generator()])
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("T", [1000, 100])
+def test_timesteps_match_diffusers_for_every_step_count(spacing, T):
+    """Every spacing and every step count, as diffusers' set_timesteps makes them (its numpy
+    arithmetic: arange with a float step for "trailing", linspace for "linspace")."""
+    offset = 1 if spacing == "leading" else 0
+    sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    ns = NoiseSchedule.from_scheduler(sched)
+    for n in range(1, T + 1):
+        sched.set_timesteps(n)
+        ts = ns.timesteps(n, spacing, steps_offset=offset)
+        assert ts.dtype == torch.long and torch.equal(ts, sched.timesteps), (n, ts, sched.timesteps)

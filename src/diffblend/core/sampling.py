@@ -89,19 +89,30 @@ class NoiseSchedule:
         return torch.where(t >= 0, out, torch.full_like(out, self.final_alpha_cumprod))
 
     def timesteps(self, num_inference_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
-        """Descending inference timesteps, as diffusers' ``set_timesteps`` makes them."""
+        """Descending inference timesteps, as diffusers' ``set_timesteps`` makes them.
+
+        The float spacings repeat numpy's arithmetic step by step (``np.arange(T, 0, -T / n)``:
+        start + i * ((start - T / n) - start); ``np.linspace``: i * ((T - 1) / (n - 1)), last = T - 1),
+        then round half to even: torch's own arange / linspace round differently and move some
+        timesteps by one.
+        """
         T, n = self.num_train_timesteps, int(num_inference_steps)
         if not 1 <= n <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
         if spacing == "leading":
-            ts = (torch.arange(n) * (T // n)).flip(0) + steps_offset
+            vals = [i * (T // n) + steps_offset for i in range(n - 1, -1, -1)]
         elif spacing == "trailing":
-            ts = (torch.arange(T, 0, -T / n).round() - 1).long()
+            first, length = T - T / n, math.ceil(T / (T / n))
+            delta = first - T
+            vals = [T, first, *(T + i * delta for i in range(2, length))][:length]
+            vals = [round(v) - 1 for v in vals]  # Python's round, like numpy's, is half to even
         elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().long().flip(0)
+            step = (T - 1) / (n - 1) if n > 1 else 0.0
+            vals = [round(i * step) for i in range(n - 1)] + [T - 1 if n > 1 else 0]
+            vals.reverse()
         else:
             raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
-        return ts.long()
+        return torch.tensor(vals, dtype=torch.long)
 
     def to_eps_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a model prediction to (eps, x0_hat) at timestep t ((B,) or scalar)."""
