@@ -95,3 +95,32 @@ def test_report_cli(tmp_path):
     assert main(["report", str(path), "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.md").exists()
     assert main(["report", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")]) == 1
+
+
+def _gain_records(oracle_shift, n=20):
+    """Base r = 0; MORL r = shift + noise (sd ~1); MPA exactly half the oracle's reward, image by image."""
+    noise = np.random.default_rng(3).normal(size=n)
+    noise -= noise.mean()
+    out = []
+    for s in range(n):
+        for m, r in (("base", 0.0), ("morl", oracle_shift + noise[s]), ("mpa", 0.5 * (oracle_shift + noise[s]))):
+            out.append(dict(method=m, weights=None if m == "base" else {A: 1.0}, **{"lambda": None}, prompt="p",
+                            seed=s, rewards={A: float(r)}, seconds=1.0, nfe=10))
+    return out
+
+
+def test_oracle_gain_interval_is_unbounded_when_the_oracle_gain_is_uncertain():
+    # The oracle beats the base by 0.05 with a standard error of ~0.22: many resamples have no
+    # oracle gain, where the fraction runs off to -inf (the method's own gain is negative there).
+    # Dropping those resamples would report [0.5, 0.5], a certainty the data do not have.
+    g = oracle_gain(_gain_records(0.05), ["mpa"], {A: 1.0})["mpa"]
+    assert g["fraction"] == pytest.approx(0.5)
+    assert g["lo"] == -math.inf and g["hi"] == pytest.approx(0.5)
+    # A clear gain: no resample loses it, and the interval is the usual one.
+    g = oracle_gain(_gain_records(5.0), ["mpa"], {A: 1.0})["mpa"]
+    assert g["lo"] == pytest.approx(0.5) and g["hi"] == pytest.approx(0.5)
+
+
+def test_oracle_gain_has_no_interval_when_the_oracle_does_not_beat_the_base():
+    g = oracle_gain(_gain_records(-0.05), ["mpa"], {A: 1.0})["mpa"]
+    assert math.isnan(g["fraction"]) and math.isnan(g["lo"]) and math.isnan(g["hi"])

@@ -139,7 +139,8 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
     Uses only the (prompt, seed) images that the base, the oracle and the method all have
     (paired). Returns ``{method: {"R": mean r(w), "fraction": f, "lo": ..., "hi": ..., "n": ...}}``
     plus entries for ``"base"`` and the oracle (their "R" only). The interval is a percentile
-    paired bootstrap over images; the fraction is NaN when the oracle does not beat the base.
+    paired bootstrap over images; a bound is -inf / inf when too many resamples lose the oracle's
+    gain. The fraction and its interval are NaN when the oracle does not beat the base.
     """
     recs = list(records)
     base = select(recs, "base", None, any_lambda=True)
@@ -157,13 +158,28 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
         rm = np.array([weighted_reward(sel[k]["rewards"], weights) for k in keys])
         frac = _fraction(rm.mean(), rb.mean(), ro.mean())
         idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
-        boots = _fraction(rm[idx].mean(1), rb[idx].mean(1), ro[idx].mean(1))
-        boots = boots[np.isfinite(boots)]
-        lo, hi = (np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]) if boots.size else (math.nan, math.nan))
+        num, gain = rm[idx].mean(1) - rb[idx].mean(1), ro[idx].mean(1) - rb[idx].mean(1)
+        # A resample where the oracle does not beat the base has no fraction: the ratio ran off to
+        # +-inf (the sign of the method's own gain) as the oracle's gain fell to 0. Dropping such
+        # resamples would narrow the interval exactly when the oracle's gain is uncertain.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boots = np.sort(np.where(gain > 0, num / gain, np.where(num >= 0, np.inf, -np.inf)))
+        lo, hi = ((_percentile(boots, 0.5 - level / 2), _percentile(boots, 0.5 + level / 2))
+                  if np.isfinite(frac) else (math.nan, math.nan))
         out[m] = {"R": float(rm.mean()), "fraction": float(frac), "lo": float(lo), "hi": float(hi), "n": len(keys)}
         out.setdefault("base", {"R": float(rb.mean()), "n": len(keys)})
         out.setdefault(oracle, {"R": float(ro.mean()), "n": len(keys)})
     return out
+
+
+def _percentile(sorted_vals: np.ndarray, p: float) -> float:
+    """numpy's default (linear) percentile of sorted values that may hold +-inf (np.quantile gives NaN there)."""
+    h = (len(sorted_vals) - 1) * p
+    i = int(math.floor(h))
+    a, b, g = sorted_vals[i], sorted_vals[min(i + 1, len(sorted_vals) - 1)], h - i
+    if g == 0 or a == b or math.isinf(a):
+        return float(a)
+    return float(b) if math.isinf(b) else float(a + (b - a) * g)
 
 
 def _fraction(rm, rb, ro):
