@@ -124,3 +124,9 @@ def test_oracle_gain_interval_is_unbounded_when_the_oracle_gain_is_uncertain():
 def test_oracle_gain_has_no_interval_when_the_oracle_does_not_beat_the_base():
     g = oracle_gain(_gain_records(-0.05), ["mpa"], {A: 1.0})["mpa"]
     assert math.isnan(g["fraction"]) and math.isnan(g["lo"]) and math.isnan(g["hi"])
+
+
+def test_oracle_gain_of_one_image_has_no_interval():
+    g = oracle_gain(_gain_records(5.0, n=1), ["mpa"], {A: 1.0})["mpa"]
+    assert g["fraction"] == pytest.approx(0.5) and g["n"] == 1
+    assert math.isnan(g["lo"]) and math.isnan(g["hi"])  # not [0.5, 0.5]: one image gives no spread

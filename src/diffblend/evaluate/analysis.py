@@ -140,7 +140,8 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
     (paired). Returns ``{method: {"R": mean r(w), "fraction": f, "lo": ..., "hi": ..., "n": ...}}``
     plus entries for ``"base"`` and the oracle (their "R" only). The interval is a percentile
     paired bootstrap over images; a bound is -inf / inf when too many resamples lose the oracle's
-    gain. The fraction and its interval are NaN when the oracle does not beat the base.
+    gain. The fraction and its interval are NaN when the oracle does not beat the base; the interval
+    is NaN for a single image.
     """
     recs = list(records)
     base = select(recs, "base", None, any_lambda=True)
@@ -165,7 +166,7 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
         with np.errstate(divide="ignore", invalid="ignore"):
             boots = np.sort(np.where(gain > 0, num / gain, np.where(num >= 0, np.inf, -np.inf)))
         lo, hi = ((_percentile(boots, 0.5 - level / 2), _percentile(boots, 0.5 + level / 2))
-                  if np.isfinite(frac) else (math.nan, math.nan))
+                  if np.isfinite(frac) and len(keys) > 1 else (math.nan, math.nan))  # 1 image: no spread
         out[m] = {"R": float(rm.mean()), "fraction": float(frac), "lo": float(lo), "hi": float(hi), "n": len(keys)}
         out.setdefault("base", {"R": float(rb.mean()), "n": len(keys)})
         out.setdefault(oracle, {"R": float(ro.mean()), "n": len(keys)})
