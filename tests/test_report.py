@@ -130,3 +130,14 @@ def test_oracle_gain_of_one_image_has_no_interval():
     g = oracle_gain(_gain_records(5.0, n=1), ["mpa"], {A: 1.0})["mpa"]
     assert g["fraction"] == pytest.approx(0.5) and g["n"] == 1
     assert math.isnan(g["lo"]) and math.isnan(g["hi"])  # not [0.5, 0.5]: one image gives no spread
+
+
+def test_a_methods_oracle_gain_interval_does_not_depend_on_the_other_methods_asked_for():
+    recs = _gain_records(2.0)
+    noise = np.random.default_rng(5).normal(size=20)
+    recs += [dict(r, method="soup", rewards={A: 0.3 * r["rewards"][A] + noise[r["seed"]]})
+             for r in recs if r["method"] == "mpa"]
+    alone = oracle_gain(recs, ["soup"], {A: 1.0})["soup"]
+    after = oracle_gain(recs, ["mpa", "soup"], {A: 1.0})["soup"]
+    assert alone["lo"] < alone["fraction"] < alone["hi"]
+    assert (alone["lo"], alone["hi"]) == (after["lo"], after["hi"])

@@ -147,7 +147,6 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
     base = select(recs, "base", None, any_lambda=True)
     orc = select(recs, oracle, weights, any_lambda=True)
     out: dict[str, dict] = {}
-    rng = np.random.default_rng(seed)
     for m in methods:
         sel = select(recs, m, weights, lam, any_lambda=lam is None)
         keys = sorted(set(base) & set(orc) & set(sel))
@@ -158,7 +157,9 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
         ro = np.array([weighted_reward(orc[k]["rewards"], weights) for k in keys])
         rm = np.array([weighted_reward(sel[k]["rewards"], weights) for k in keys])
         frac = _fraction(rm.mean(), rb.mean(), ro.mean())
-        idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+        # A fresh generator per method: its interval does not depend on which methods come before
+        # it, and methods with the same images share their resamples.
+        idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
         num, gain = rm[idx].mean(1) - rb[idx].mean(1), ro[idx].mean(1) - rb[idx].mean(1)
         # A resample where the oracle does not beat the base has no fraction: the ratio ran off to
         # +-inf (the sign of the method's own gain) as the oracle's gain fell to 0. Dropping such
