@@ -7,7 +7,7 @@ import pytest
 
 from diffblend.evaluate.analysis import cost_table, mean_ci, method_fronts, oracle_gain, summarize
 from diffblend.evaluate.records import RecordWriter, read_records
-from diffblend.evaluate.report import write_report
+from diffblend.evaluate.report import build_report, write_report
 
 A, B = "r_a", "r_b"
 SEEDS = range(6)
@@ -141,3 +141,11 @@ def test_a_methods_oracle_gain_interval_does_not_depend_on_the_other_methods_ask
     after = oracle_gain(recs, ["mpa", "soup"], {A: 1.0})["soup"]
     assert alone["lo"] < alone["fraction"] < alone["hi"]
     assert (alone["lo"], alone["hi"]) == (after["lo"], after["hi"])
+
+
+def test_one_section_per_reward_set_whatever_the_order_of_the_weights(tmp_path):
+    # Records of a second sweep that named the pair the other way round: the same two rewards.
+    recs = records() + [dict(r, method="ls", weights={B: r["weights"][B], A: r["weights"][A]})
+                        for r in records() if r["method"] == "mpa"]
+    text = build_report(recs, tmp_path)
+    assert text.count("## Rewards:") == 1 and "| DB-MPA-LS |" in text

@@ -181,7 +181,7 @@ def build_report(records: Sequence[Mapping], out_dir: str | os.PathLike, *, titl
     for r in records:
         if r["weights"] is not None and r["method"] != "kla":
             s = list(r["weights"])
-            if s not in sigs:
+            if not any(set(s) == set(x) for x in sigs):  # one section per reward set, in any order
                 sigs.append(s)
     md = [f"# {title}", ""]
     if intro:
