@@ -438,3 +438,16 @@ def test_evaluate_adapters_pairs_the_noise_and_reports_kl(tmp_path):
     # the zero update is the base: the same images (paired noise) and KL 0
     assert res["zero"]["boldness"] == res["base"]["boldness"] and res["zero"]["kl_path"] == 0.0
     assert res["trained"]["kl_path"] > 0 and res["trained"]["boldness"] != res["base"]["boldness"]
+
+
+def test_resume_after_a_kill_mid_metrics_write(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; --resume drops it."""
+    cfg = small_cfg(epochs=3, checkpoint_every=1)
+    finetune(cfg, tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, stop_after=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "reward_me')  # the kill came in the middle of epoch 2's row
+    rest = finetune(cfg, tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, resume=True)
+    assert rest.epochs == 3
+    rows = [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2]
+

@@ -65,8 +65,14 @@ def _write_jsonl_prefix(path: Path, keep_epochs: int) -> None:
     """Keep the metric rows of the first ``keep_epochs`` epochs (a resumed run redoes the others)."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in rows if json.loads(ln).get("epoch", 0) < keep_epochs]
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except ValueError:  # blank, or the torn last line of a run killed while appending
+            continue
+        if row.get("epoch", 0) < keep_epochs:
+            kept.append(ln)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
