@@ -197,3 +197,29 @@ def test_timesteps_match_diffusers_for_every_step_count(spacing, T):
         sched.set_timesteps(n)
         ts = ns.timesteps(n, spacing, steps_offset=offset)
         assert ts.dtype == torch.long and torch.equal(ts, sched.timesteps), (n, ts, sched.timesteps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_steps_form_the_schedule_in_float32(dtype):
+    """x in float16 / bfloat16 (an SD pipeline in half precision): the schedule's coefficients must
+    not be formed in that dtype, where 1 - alpha_bar_t and 1 - alpha_bar_t / alpha_bar_prev cancel
+    (bfloat16 rounds alpha_bar_1 = 0.9983 to 1: sigma_t = 0 or NaN; float16 was 7% off at t = 21).
+    Reference: the same half inputs in float64. Measured after the fix, in units of the dtype's eps:
+    std 0.5 (relative), x0_hat 1.2 (relative), x_prev 1.5 (relative to max |x_prev| ~ 4)."""
+    sched = DDIMScheduler(**_sd_kwargs())
+    sched.set_timesteps(50)
+    ns = NoiseSchedule.from_scheduler(sched)
+    g = torch.Generator().manual_seed(4)
+    x, pred, noise = (torch.randn(2, 4, 8, 8, generator=g).to(dtype) for _ in range(3))
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    ts = sched.timesteps.tolist()
+    for t, prev_t in zip(ts, ts[1:] + [-1]):
+        for step, kw in ((ddim_step, dict(eta=1.0)), (ddpm_step, {})):
+            out = step(pred, t, x, ns, prev_t, noise=noise, **kw)
+            ref = step(pred.double(), t, x.double(), ns, prev_t, noise=noise.double(), **kw)
+            assert out.prev_sample.dtype == dtype
+            err = lambda a, b: float((a.double() - b).abs().max())  # noqa: E731
+            # (a std below the dtype's smallest normal flushes: DDPM's last step has std 1e-10)
+            assert err(out.std, ref.std) <= 2 * eps * float(ref.std.max()) + tiny, (t, step)
+            assert err(out.x0_hat, ref.x0_hat) <= 4 * eps * float(ref.x0_hat.abs().max()), (t, step)
+            assert err(out.prev_sample, ref.prev_sample) <= 4 * eps * float(ref.prev_sample.abs().max()), (t, step)

@@ -116,8 +116,8 @@ class NoiseSchedule:
 
     def to_eps_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a model prediction to (eps, x0_hat) at timestep t ((B,) or scalar)."""
-        a = _bcast(self.alpha_bar(t), x_t)
-        sa, sb = a.sqrt(), (1 - a).sqrt()
+        a = self.alpha_bar(t).to(_coef_dtype(x_t))  # 1 - a is not formed in a half dtype
+        sa, sb = _bcast(a.sqrt(), x_t), _bcast((1 - a).sqrt(), x_t)
         if self.prediction_type == "epsilon":
             eps = pred
             x0 = (x_t - sb * eps) / sa
@@ -131,8 +131,15 @@ class NoiseSchedule:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I)."""
-        a = _bcast(self.alpha_bar(t), x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        a = self.alpha_bar(t).to(_coef_dtype(x0))
+        return _bcast(a.sqrt(), x0) * x0 + _bcast((1 - a).sqrt(), x0) * noise
+
+
+def _coef_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype schedule coefficients are formed in: at least float32, as diffusers forms them.
+    In float16 / bfloat16, 1 - alpha_bar_t and 1 - alpha_bar_t / alpha_bar_prev cancel to a few
+    bits or to 0 (bfloat16 rounds alpha_bar = 0.9983 to 1); only the finished coefficient is cast."""
+    return torch.promote_types(like.dtype, torch.float32)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -219,12 +226,13 @@ def ddim_step(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     eps, x0_hat = schedule.to_eps_x0(pred, x_t, t)
-    a_t = _bcast(schedule.alpha_bar(t), x_t)
-    a_prev = _bcast(schedule.alpha_bar(prev_t), x_t)
+    cdt = _coef_dtype(x_t)  # scalars or (B,), cast to x_t's dtype last
+    a_t = schedule.alpha_bar(t).to(cdt)
+    a_prev = schedule.alpha_bar(prev_t).to(device=a_t.device, dtype=cdt)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
-    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    return _finish_step(mean, torch.as_tensor(std, dtype=x_t.dtype), x_t, x0_hat, generator, noise, prev_sample)
+    mean = _bcast(a_prev.sqrt(), x_t) * x0_hat + _bcast((1 - a_prev - std**2).clamp(min=0).sqrt(), x_t) * eps
+    return _finish_step(mean, _bcast(std, x_t), x_t, x0_hat, generator, noise, prev_sample)
 
 
 def ddpm_step(
@@ -241,15 +249,17 @@ def ddpm_step(
     """One ancestral DDPM step (Ho et al., eqs. 6-7) with the posterior ("fixed_small") variance,
     as ``diffusers.DDPMScheduler.step`` (no clipping); prev_t may skip timesteps."""
     eps, x0_hat = schedule.to_eps_x0(pred, x_t, t)
-    a_t = _bcast(schedule.alpha_bar(t), x_t)
-    a_prev = _bcast(torch.where(torch.as_tensor(prev_t) >= 0, schedule.alpha_bar(prev_t),
-                                torch.ones_like(schedule.alpha_bar(prev_t))), x_t)
+    cdt = _coef_dtype(x_t)  # scalars or (B,), cast to x_t's dtype last
+    a_t = schedule.alpha_bar(t).to(cdt)
+    a_prev = schedule.alpha_bar(prev_t).to(device=a_t.device, dtype=cdt)
+    a_prev = torch.where(torch.as_tensor(prev_t, device=a_prev.device) >= 0, a_prev, torch.ones_like(a_prev))
     alpha_t = a_t / a_prev  # the "current" alpha over the (possibly skipped) interval
     beta_t = 1 - alpha_t
-    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0_hat + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+    mean = (_bcast(a_prev.sqrt() * beta_t / (1 - a_t), x_t) * x0_hat
+            + _bcast(alpha_t.sqrt() * (1 - a_prev) / (1 - a_t), x_t) * x_t)
     variance = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-    t_pos = _bcast(torch.as_tensor(t) > 0, x_t)  # no noise is added at t = 0 (diffusers' rule)
-    std = variance.sqrt() * t_pos
+    t_pos = torch.as_tensor(t, device=variance.device) > 0  # no noise is added at t = 0 (diffusers' rule)
+    std = _bcast(variance.sqrt() * t_pos, x_t)
     return _finish_step(mean, std, x_t, x0_hat, generator, noise, prev_sample)
 
 
