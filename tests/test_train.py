@@ -451,3 +451,10 @@ def test_resume_after_a_kill_mid_metrics_write(tmp_path):
     rows = [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 1, 2]
 
+
+def test_resume_refuses_fewer_epochs_than_the_checkpoint(tmp_path):
+    finetune(small_cfg(epochs=2), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False)
+    with pytest.raises(ValueError, match="epochs must be >= 2"):
+        finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False,
+                 resume=True)
+

@@ -144,6 +144,9 @@ def finetune(
                 raise ValueError(f"--resume: the config differs from the checkpoint's in {diff}; "
                                  f"use the same settings (only epochs may change) or a new run dir")
             start_epoch = int(state["epoch"])
+            if cfg.epochs < start_epoch:
+                raise ValueError(f"--resume: epochs must be >= {start_epoch}, the epochs the checkpoint {last.name} "
+                                 f"has done; got {cfg.epochs}")
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
                          f"or choose a new run dir")
