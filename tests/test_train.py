@@ -458,3 +458,15 @@ def test_resume_refuses_fewer_epochs_than_the_checkpoint(tmp_path):
         finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False,
                  resume=True)
 
+
+def test_bad_output_path_is_refused_before_training(tmp_path):
+    calls = []
+
+    def counting(images, prompts, metadata):
+        calls.append(1)
+        return brightness(images, prompts, metadata)
+
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=counting, progress=False,
+                 output=tmp_path / "adapter.pt")
+    assert not calls and not (tmp_path / "checkpoints").exists()

@@ -151,6 +151,9 @@ def finetune(
         raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
                          f"or choose a new run dir")
 
+    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
+    if out.suffix != ".safetensors":  # before any training: save_lora would refuse it at the very end
+        raise ValueError(f"the adapter path must end in .safetensors, got {str(out)!r}")
     # before the model: fail fast on a bad name
     reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
     monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
@@ -221,7 +224,6 @@ def finetune(
         bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
     bar.close()
 
-    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
     if main and end_epoch == cfg.epochs:
         save_lora(unet, out)
     acc.wait_for_everyone()
