@@ -149,3 +149,11 @@ def test_one_section_per_reward_set_whatever_the_order_of_the_weights(tmp_path):
                         for r in records() if r["method"] == "mpa"]
     text = build_report(recs, tmp_path)
     assert text.count("## Rewards:") == 1 and "| DB-MPA-LS |" in text
+
+
+def test_the_per_w_fraction_table_explains_its_blank_cells(tmp_path):
+    recs = [r for r in records() if not (r["method"] == "morl" and r["weights"][B] == 1.0)]  # no oracle at w = 1
+    text = build_report(recs, tmp_path)
+    table = text.split("### Fraction of the oracle's gain at each w")[1].split("###")[0]
+    assert "| r_a=0, r_b=1 | n/a | n/a | n/a | n/a |" in table
+    assert "n/a where" in table and "no oracle" in table

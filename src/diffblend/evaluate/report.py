@@ -104,7 +104,8 @@ def _section(records: list[dict], names: list[str], out_dir: Path, tag: str, roo
             orc_r = g.get("morl", {}).get("R", math.nan)
             rows.append([_wlabel(w), _f(base_r), _f(orc_r)] + [_f(g[m]["fraction"], 2) for m in others])
         md += ["### Fraction of the oracle's gain at each w", "",
-               "NaN when the oracle does not beat the base at that w (the fraction is undefined).", "",
+               "n/a where the fraction is undefined: no oracle (or no images of the method) at that w, or "
+               "the oracle does not beat the base there.", "",
                _table(["w", "R_base", "R_morl"] + [_style_label(m) for m in others], rows), ""]
     if len(names) >= 2:
         fr = method_fronts(recs, names, methods)
