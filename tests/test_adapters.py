@@ -357,6 +357,28 @@ def test_merge_cache_follows_weight_updates_and_keeps_gradients(bp):
     assert lora_b.grad is not None and lora_b.grad.abs().max() > 0
 
 
+def test_merge_cache_follows_adapter_scaling(bp):
+    """diffusers' set_adapters(names, weights) rescales the layers' scaling: the cached merged weights
+    must follow it (in both modes), as the unmerged path does."""
+    x, emb = _inputs(2)
+    t = torch.full((2,), 500)
+    blends = [Blend.create({"txt": 1.0}, bp.adapter_names), Blend.create({"aes": 0.5, "txt": 0.5}, bp.adapter_names)]
+    unmerged_blender = Blender(bp.pipe.unet, merge_cache=False)
+
+    def both(blend):
+        merged = [bp.denoiser(blend, mode=m)(x, t, emb) for m in ("sequential", "batched")]
+        return merged, blend_denoiser(bp.pipe.unet, blend, mode="sequential", blender=unmerged_blender)(x, t, emb)
+
+    with torch.no_grad():
+        before = [both(b) for b in blends]  # fills the cache
+        bp.pipe.unet.set_adapters(list(NAMES), [1.0, 0.5, 1.0])  # "txt" at half strength
+        for (merged, ref), (_, old_ref) in zip([both(b) for b in blends], before):
+            assert (ref - old_ref).abs().max() > 1e-3  # the rescale changed the model
+            for got in merged:
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    bp.pipe.unet.set_adapters(list(NAMES), [1.0, 1.0, 1.0])
+
+
 def test_block_routing_with_merged_weights(bp):
     """Row blocks with merged weights (the fast batched path): each block is its model's output."""
     unet, blender = bp.pipe.unet, bp.blender

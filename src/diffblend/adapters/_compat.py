@@ -20,6 +20,7 @@ the adapter branches are off (an unmerged LoRA adds 4 small kernels per layer, ~
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -198,18 +199,39 @@ def merged_weights(layers: Sequence[torch.nn.Module], scales: dict[str, float]) 
     return out
 
 
-def weights_version(layers: Sequence[torch.nn.Module], names: Sequence[str]) -> tuple[int, int]:
-    """A key that changes whenever a base weight or a LoRA factor of ``names`` is modified in place
-    (optimizer steps, load_state_dict: the tensors' version counters) or replaced (``.to(device)``:
-    their storage addresses), so that cached merged weights are never stale."""
-    versions = addresses = 0
+class _Storage:
+    """Equal to another only while both refer to the same live tensor storage. A weak reference:
+    a storage freed and a new one allocated at its address (a re-loaded adapter, ``.half()`` then
+    ``.float()``) never match, as data pointers would."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = weakref.ref(t.untyped_storage())
+
+    def __eq__(self, other: object) -> bool:
+        s = self.ref()
+        return isinstance(other, _Storage) and s is not None and s is other.ref()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def weights_version(layers: Sequence[torch.nn.Module], names: Sequence[str]) -> tuple:
+    """A key that compares unequal whenever what merged weights of ``names`` are made of changes: a
+    base weight or LoRA factor modified in place (optimizer steps, load_state_dict: the tensors'
+    version counters) or replaced (``.to(device / dtype)``, a re-loaded adapter: the storages), or an
+    adapter's ``scaling`` (diffusers' ``set_adapters(names, weights)``, a LoRA scale), so that cached
+    merged weights are never stale. Writes through ``.data`` bypass PyTorch's version counters: call
+    ``Blender.refresh()`` after them."""
+    key: list = []
     for layer in layers:
         tensors = [layer.get_base_layer().weight]
-        tensors += [m[n].weight for n in names for m in (layer.lora_A, layer.lora_B) if n in m]
-        for t in tensors:
-            versions += t._version
-            addresses += t.data_ptr()
-    return versions, addresses
+        for n in names:
+            if n in layer.lora_A:
+                tensors += [layer.lora_A[n].weight, layer.lora_B[n].weight]
+                key.append(float(layer.scaling[n]))
+        key += [(_Storage(t), t.storage_offset(), t._version) for t in tensors]
+    return tuple(key)
 
 
 @contextlib.contextmanager

@@ -116,9 +116,11 @@ class Blender:
         version = _compat.weights_version(self.layers, list(scales))
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
-            if key[0] == "soup":  # keep one soup (w changes between calls), one entry per adapter
-                self._cache = {k: v for k, v in self._cache.items() if k[0] != "soup"}
-            hit = self._cache[key] = (version, _compat.merged_weights(self.layers, scales))
+            # keep one soup (w changes between calls), one entry per adapter; drop stale entries
+            # (e.g. copies on the device the model left)
+            self._cache = {k: v for k, v in self._cache.items() if k != key and not (k[0] == "soup" == key[0])
+                           and v[0] == _compat.weights_version(self.layers, list(v[2]))}
+            hit = self._cache[key] = (version, _compat.merged_weights(self.layers, scales), dict(scales))
         return hit[1]
 
     def _can_merge(self, names) -> bool:
