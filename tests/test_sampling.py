@@ -223,3 +223,18 @@ def test_half_precision_steps_form_the_schedule_in_float32(dtype):
             assert err(out.std, ref.std) <= 2 * eps * float(ref.std.max()) + tiny, (t, step)
             assert err(out.x0_hat, ref.x0_hat) <= 4 * eps * float(ref.x0_hat.abs().max()), (t, step)
             assert err(out.prev_sample, ref.prev_sample) <= 4 * eps * float(ref.prev_sample.abs().max()), (t, step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_log_prob_is_summed_in_float32(dtype):
+    """A log-prob sums thousands of terms (an SD latent has 16384): in float16 / bfloat16 the sum
+    itself would round to units or tens, which destroys the RL ratio exp(lp_new - lp_old).
+    Reference: the same half inputs in float64; float32 accumulation is good to ~1e-6 relative."""
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(2, 4, 32, 32, generator=g).to(dtype)
+    std = torch.full((1, 1, 1, 1), 0.3).to(dtype)
+    x = (mean.float() + std.float() * torch.randn(2, 4, 32, 32, generator=g)).to(dtype)
+    lp = gaussian_log_prob(x, mean, std)
+    ref = gaussian_log_prob(x.double(), mean.double(), std.double())
+    assert lp.dtype == torch.float32
+    assert torch.allclose(lp.double(), ref, rtol=1e-5, atol=0)

@@ -169,8 +169,11 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     """log N(x; mean, std^2 I) summed over all but the batch dimension; (B,).
 
     Dimensions where std == 0 (a deterministic transition) contribute 0: there is no randomness
-    there to score, and the policy-gradient ratio of such a step is 1.
+    there to score, and the policy-gradient ratio of such a step is 1. Computed and returned in
+    at least float32: a sum over thousands of dimensions in float16 / bfloat16 rounds to units.
     """
+    dt = _coef_dtype(x)
+    x, mean, std = x.to(dt), mean.to(dt), torch.as_tensor(std, device=x.device).to(dt)
     std = std.expand_as(x)
     pos = std > 0
     safe = torch.where(pos, std, torch.ones_like(std))
