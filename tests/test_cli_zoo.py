@@ -76,6 +76,9 @@ def test_generate_is_reproducible_and_weights_matter(tmp_path, adapters):
     (["--weights", "ta=0.5,tb=0.5", "--method", "ls", "--kl-strength", "1.5"], "ls"),
     (["--adapter", "broken"], "NAME=PATH"),
     (["--adapter", "x=does/not/exist.safetensors"], "does not exist"),
+    (["--eta", "2"], "--eta"),  # eta > 1 made NaN images without a word
+    (["--eta", "-0.5"], "--eta"),
+    (["--scale", "0"], "--scale"),
     (["--prompt", "a cat", "--weights", "ta=1"], None),  # any prompt is accepted by generate
 ])
 def test_generate_errors_are_one_line(tmp_path, adapters, capsys, argv, needle):

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (default 2.0 for digits)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1: the stochastic sampler)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in [0, 1] (default 1: the stochastic sampler)")
     p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: embedded digits)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a LoRA adapter (repeatable); added to the shipped ones for the default model")
@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
     prompts = args.prompt or ["7"]
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
