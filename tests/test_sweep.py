@@ -153,3 +153,14 @@ def test_a_repeated_prompt_or_seed_is_generated_and_recorded_once(tmp_path):
     stats = run_sweep(BACKEND, build_settings(["base"], GRID), ["a", "a", "b"], [0, 0], path, progress=False)
     keys = [record_key(r) for r in read_records(path)]
     assert len(keys) == len(set(keys)) == 2 and stats.generated == 2
+
+
+def test_shards_are_found_and_merged_whatever_the_records_file_is_called(tmp_path):
+    path = tmp_path / "run[1].jsonl"  # glob metacharacters in the name
+    st = build_settings(["base", "mpa"], GRID[1:2])
+    for rank in range(2):
+        run_sweep(BACKEND, st, PROMPTS, SEEDS[:2], path, progress=False, process_index=rank, num_processes=2)
+    assert shard_path(path, 1).exists()
+    assert run_sweep(BACKEND, st, PROMPTS, SEEDS[:2], path, progress=False, process_index=1,
+                     num_processes=2).generated == 0  # its shard counts as done
+    assert merge_shards(path) == len(st) * len(PROMPTS) * 2 and not shard_path(path, 0).exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,11 @@ def shard_path(records_path: str | os.PathLike, rank: int) -> Path:
 
 
 def _shards(records_path: Path) -> list[Path]:
-    return sorted(records_path.parent.glob(f"{records_path.stem}.rank*{records_path.suffix}"))
+    # A regex, not a glob: a records file named with glob metacharacters ("run[1].jsonl") must
+    # still find its shards, and only shard_path's own names count.
+    pattern = re.compile(re.escape(records_path.stem) + r"\.rank\d+" + re.escape(records_path.suffix))
+    folder = records_path.parent
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def done_keys(records_path: str | os.PathLike) -> set:
