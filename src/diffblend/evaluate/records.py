@@ -88,7 +88,8 @@ def _encode(rec: Mapping) -> bytes:
     _check(rec, "record")
     for name, v in rec["rewards"].items():
         if not math.isfinite(float(v)):
-            # NaN is not JSON; keep the record (the image exists) but make the problem visible.
+            # NaN is not JSON, and one NaN would turn every mean and front of its setting into NaN:
+            # refuse the record, naming the image, rather than write it.
             raise ValueError(f"reward {name!r} is not finite ({v}) for {record_key(rec)}")
     return (json.dumps(dict(rec), default=_json_default, separators=(",", ":")) + "\n").encode()
 
