@@ -113,3 +113,22 @@ def test_bad_configs_are_refused():
         CoDeConfig(num_candidates=0)
     with pytest.raises(ValueError, match="block_size"):
         CoDeConfig(block_size=1.5)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_rgg_gradient_does_not_depend_on_the_parameterisation(prediction_type):
+    """The detached quantity is eps (the score), whatever the model predicts: an x0- or v-model
+    making the same prediction as an eps-model gets the same guidance. (Holding an x0 prediction
+    fixed gave a zero gradient, i.e. no guidance; holding v fixed scaled it by alpha_bar_t.)"""
+    from diffblend.baselines.rgg import _reward_grad
+
+    g = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.full((5,), 500)
+    sched = NoiseSchedule(SCHED.alphas_cumprod, prediction_type=prediction_type)
+    a = SCHED.alpha_bar(t)[:, None]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    pred = x0 if prediction_type == "sample" else a.sqrt() * eps - (1 - a).sqrt() * x0  # the same eps
+    for norm in (None, "rms"):
+        ref = _reward_grad(score, lambda z: z, SCHED, eps, x, t, norm)
+        torch.testing.assert_close(_reward_grad(score, lambda z: z, sched, pred, x, t, norm), ref)

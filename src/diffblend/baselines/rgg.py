@@ -4,12 +4,14 @@ At every stochastic step x_t -> x_{t-1} the sampler adds the gradient of the wei
 evaluated on the Tweedie estimate of the clean sample:
 
     x_{t-1} = mu_t + sigma_t z + s_i * sigma_t^2 * g_t / alpha,
-    g_t     = grad_{x_t} r(decode(x0_hat(x_t, pred.detach())))
+    g_t     = grad_{x_t} r(decode(x0_hat(x_t))),
+    x0_hat  = (x_t - sqrt(1 - alpha_bar_t) eps.detach()) / sqrt(alpha_bar_t)
 
 where sigma_t is the DDIM standard deviation (eta included, so sigma_t^2 = eta^2 sigma_t(eta=1)^2),
 alpha = ``kl_coeff`` the KL weight of the target p_pre exp(r / alpha), and r = sum_i w_i r_i. The
-prediction is detached (the guidance does not back-propagate through the denoiser), so the only
-backward pass is through ``decode`` and the reward. Options as in the authors' baseline
+model's noise estimate eps is detached (the guidance does not back-propagate through the denoiser;
+for v- and x0-models eps is derived from the prediction first), so the only backward pass is
+through ``decode`` and the reward. Options as in the authors' baseline
 (kl_coeff 0.1, gradient normalisation, tempering gamma 0.024):
 
 - gradient normalisation ("rms"): g_t is divided by its root-mean-square over the pixels of each
@@ -25,7 +27,7 @@ time the whole call (seconds per image), which counts the backward honestly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,10 +77,17 @@ def tempering_scale(i: int, gamma: float | None) -> float:
 
 def _reward_grad(score_fn: ScoreFn, decode: Callable, schedule: NoiseSchedule, pred: torch.Tensor,
                  x_t: torch.Tensor, t: torch.Tensor, grad_norm: str | None) -> torch.Tensor:
-    """grad_{x_t} score(decode(x0_hat(x_t))) with the prediction held fixed; (B, ...)."""
+    """grad_{x_t} score(decode(x0_hat(x_t))) with eps held fixed; (B, ...).
+
+    x0_hat(x) = (x - sqrt(1 - a) eps) / sqrt(a), eps the model's (detached) noise estimate at x_t,
+    whatever it predicts: holding a v or x0 prediction fixed instead would scale the gradient by
+    alpha_bar_t (v) or zero it (x0).
+    """
+    eps, _ = schedule.to_eps_x0(pred.detach(), x_t.detach(), t)
+    eps_schedule = replace(schedule, prediction_type="epsilon")
     with torch.enable_grad():
         x = x_t.detach().requires_grad_(True)
-        _, x0_hat = schedule.to_eps_x0(pred.detach(), x, t)
+        _, x0_hat = eps_schedule.to_eps_x0(eps, x, t)
         scores = score_fn(decode(x0_hat))
         if scores.shape != (x.shape[0],):
             raise ValueError(f"score_fn must return shape ({x.shape[0]},), got {tuple(scores.shape)}")
