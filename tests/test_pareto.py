@@ -44,3 +44,5 @@ def test_bad_input_is_refused():
         pareto_mask([[0.0, np.nan]])
     with pytest.raises(ValueError, match=r"\(n, d\)"):
         pareto_mask(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="at least one reward"):
+        pareto_front(np.zeros((3, 0)))

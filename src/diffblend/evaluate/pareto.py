@@ -19,6 +19,8 @@ def as_points(points) -> np.ndarray:
         arr = arr.reshape(0, 1)
     if arr.ndim != 2:
         raise ValueError(f"points must have shape (n, d), got {arr.shape}")
+    if arr.shape[1] < 1:
+        raise ValueError(f"points need at least one reward (d >= 1), got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError("points must be finite (no NaN or inf)")
     return arr
