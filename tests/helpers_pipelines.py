@@ -115,7 +115,7 @@ def tiny_sdxl(tmpdir: str | os.PathLike, seed: int = 0):
 
 def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, alpha: float = 8.0,
                      targets: list[str] | None = None, use_dora: bool = False,
-                     text_encoder: bool = False) -> Path:
+                     text_encoder: bool = False, lora_bias: bool = False) -> Path:
     """Write a LoRA for ``pipe.unet`` with ``type(pipe).save_lora_weights`` and return the file path.
 
     lora_B is random (peft initialises it to zero, which would make every adapter equal to the base),
@@ -128,7 +128,7 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
     unet = pipe.unet
     name = f"tmp{seed}"
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, init_lora_weights=False,
-                     use_dora=use_dora)
+                     use_dora=use_dora, lora_bias=lora_bias)
     unet.add_adapter(cfg, adapter_name=name)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     out["dora"] = save_random_lora(pipe, d / "dora", seed=9, use_dora=True)
     out["with_te"] = save_random_lora(pipe, d / "with_te", seed=10, text_encoder=True)
     out["xl"] = save_random_lora(tiny_sdxl(d), d / "xl", seed=11)
+    out["biased"] = save_random_lora(pipe, d / "biased", seed=12, targets=["to_out.0", "time_emb_proj"], lora_bias=True)
     out["dir"] = d
     return out
 
@@ -377,6 +378,25 @@ def test_merge_cache_follows_adapter_scaling(bp):
             for got in merged:
                 torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     bp.pipe.unet.set_adapters(list(NAMES), [1.0, 1.0, 1.0])
+
+
+def test_lora_bias_adapter_gives_its_own_model(bp, files):
+    """An adapter with a bias on lora_B (lora_bias=True) is W x + b + s (B A x + b_B): merged weights
+    W + dW would drop the bias, so it runs unmerged, in every mode."""
+    bp.load_adapter("biased", files["biased"])
+    unet = bp.pipe.unet
+    x, emb = _inputs(2)
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        _use(unet, "biased")
+        plain = unet(x, t, encoder_hidden_states=emb).sample
+        unet.enable_lora()
+        mix = Blend.create({"biased": 0.5, "aes": 0.5}, bp.adapter_names)
+        ref = blend_denoiser(unet, mix, mode="sequential", blender=Blender(unet, merge_cache=False))(x, t, emb)
+        for mode in ("sequential", "batched"):
+            torch.testing.assert_close(bp.denoiser(Blend.create({"biased": 1.0}, bp.adapter_names), mode=mode)(
+                x, t, emb), plain, atol=1e-5, rtol=0)
+            torch.testing.assert_close(bp.denoiser(mix, mode=mode)(x, t, emb), ref, atol=1e-5, rtol=0)
 
 
 def test_block_routing_with_merged_weights(bp):

@@ -31,7 +31,7 @@ MIN_DIFFUSERS = (0, 32, 0)
 _LAYER_ATTRS = ("_active_adapter", "_disable_adapters", "scaling", "lora_A", "lora_B", "merged", "use_dora",
                 "get_delta_weight", "get_base_layer")
 
-__all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "is_merged", "route", "active", "scaled_sum",
+__all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "biased_adapters", "is_merged", "route", "active", "scaled_sum",
            "LayerState", "merged_weights", "weights_version", "swapped", "blocks"]
 
 
@@ -89,6 +89,12 @@ def adapters_on(layers: Sequence[torch.nn.Module]) -> list[str]:
 def dora_adapters(layers: Sequence[torch.nn.Module]) -> set[str]:
     """Names of the adapters that use DoRA on at least one layer."""
     return {n for layer in layers for n, on in layer.use_dora.items() if on}
+
+
+def biased_adapters(layers: Sequence[torch.nn.Module]) -> set[str]:
+    """Names of the adapters with a bias on lora_B (``lora_bias=True``) on at least one layer: their
+    update is not W + dW alone (peft's ``get_delta_weight`` leaves the bias out)."""
+    return {n for layer in layers for n, on in getattr(layer, "lora_bias", {}).items() if on}
 
 
 def is_merged(layers: Sequence[torch.nn.Module]) -> bool:

@@ -89,7 +89,8 @@ class Blender:
         merge_cache: run a single model on all rows (or a row block) with cached merged weights
             W + dW (the cost of the base; one copy of the adapted layers' weights per adapter, e.g.
             357 MiB fp32 for SD 1.5's attention projections; rebuilt when a weight changes). Not
-            used for DoRA, nor under autograd when a LoRA factor requires grad (training).
+            used for DoRA or a bias on lora_B (``lora_bias``), nor under autograd when a LoRA factor
+            requires grad (training).
     """
 
     def __init__(self, model: torch.nn.Module, mode: str = "auto", merge_cache: bool = True):
@@ -109,6 +110,7 @@ class Blender:
         self.layers = _compat.lora_layers(self.model)
         self.adapter_names = _compat.adapters_on(self.layers)
         self.dora = _compat.dora_adapters(self.layers)
+        self._no_merge = self.dora | _compat.biased_adapters(self.layers)  # W + dW is not the adapter
         self._cache = {}
 
     def _weights(self, key: Any, scales: dict[str, float]) -> list:
@@ -126,7 +128,7 @@ class Blender:
     def _can_merge(self, names) -> bool:
         """Merged weights are exact for values and for gradients w.r.t. the input (e.g. reward
         guidance), but give no gradient to the LoRA factors: not when one of them is being trained."""
-        if not self.merge_cache or any(n in self.dora for n in names):
+        if not self.merge_cache or any(n in self._no_merge for n in names):
             return False
         if not torch.is_grad_enabled():
             return True
