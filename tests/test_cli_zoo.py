@@ -79,6 +79,8 @@ def test_generate_is_reproducible_and_weights_matter(tmp_path, adapters):
     (["--eta", "2"], "--eta"),  # eta > 1 made NaN images without a word
     (["--eta", "-0.5"], "--eta"),
     (["--scale", "0"], "--scale"),
+    (["--device", "cuda:99"], "--device"),  # an unusable device was an AssertionError traceback
+    (["--device", "nonsense"], "not a torch device"),
     (["--prompt", "a cat", "--weights", "ta=1"], None),  # any prompt is accepted by generate
 ])
 def test_generate_errors_are_one_line(tmp_path, adapters, capsys, argv, needle):
@@ -161,3 +163,15 @@ def test_shipped_adapters_leave_out_the_morl_oracles_unless_asked():
         pytest.skip("no shipped adapters in this checkout yet")
     assert set(single) <= set(every) and all(p.is_file() for p in every.values())
     assert not any(name.startswith("morl") for name in single)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train-base", "RUN", "--device", "nonsense", "--steps", "1", "--eval-per-digit", "0", "--no-progress"],
+    ["demo", "--device", "cuda:99", "--no-progress"],
+    ["sweep", "--device", "nonsense", "--no-progress", "-o", "OUT/records.jsonl"],
+])
+def test_bad_device_is_one_line(tmp_path, capsys, argv):
+    argv = [a.replace("RUN", str(tmp_path / "run")).replace("OUT", str(tmp_path)) for a in argv]
+    rc = main([*argv, "-o", str(tmp_path / "out.png")] if argv[0] == "demo" else argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--device" in err, err

@@ -38,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo.data import prompt_for
     from ..zoo.demo import blend_sweep, demo_figure, format_table, reward_names_for
     from ..zoo.generate import load_blend_pipeline, resolve_weight_names, shipped_adapters
+    from ._util import check_device
     from .generate import parse_adapters
 
+    check_device(args.device)
     if args.columns < 2:
         raise ValueError(f"--columns must be >= 2, got {args.columns}")
     if args.num_images < 1:

@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
         score_images, shipped_adapters
-    from ._util import parse_weights
+    from ._util import check_device, parse_weights
 
+    check_device(args.device)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.steps < 1:

@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from ..baselines.rgg import RGGConfig
     from ..evaluate.methods import MethodOptions
     from ..evaluate.sweep import build_settings, merge_shards, pair_grid, run_sweep
+    from ._util import check_device
 
+    check_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.weight_grid:
         grid = _weight_vectors(args.weight_grid)

@@ -32,8 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..zoo.train_base import TrainBaseConfig, train_base
     from ..zoo._threads import set_threads
+    from ._util import check_device
 
     set_threads(args.threads)
+    check_device(args.device)
     if args.eval_per_digit < 0:
         raise ValueError(f"--eval-per-digit must be >= 0, got {args.eval_per_digit}")
     cfg = TrainBaseConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
