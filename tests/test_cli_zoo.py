@@ -175,3 +175,18 @@ def test_bad_device_is_one_line(tmp_path, capsys, argv):
     rc = main([*argv, "-o", str(tmp_path / "out.png")] if argv[0] == "demo" else argv)
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "--device" in err, err
+
+
+def test_sweep_threads_option_is_applied(tmp_path, monkeypatch, capsys):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    out = str(tmp_path / "records.jsonl")
+    # a bad --methods stops the sweep right after the options are applied
+    assert main(["sweep", "--threads", "3", "--methods", "nope", "--no-progress", "-o", out]) == 1
+    assert seen == [3]
+    assert main(["sweep", "--methods", "nope", "--no-progress", "-o", out]) == 1
+    assert seen == [3]  # 0 (the default): torch's own choice, untouched
+    assert main(["sweep", "--threads", "-1", "--no-progress", "-o", out]) == 1
+    assert "--threads must be >= 1" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from ._util import check_device
 
     check_device(args.device)
+    if args.threads != 0:  # 0: leave torch's default
+        from ..zoo._threads import set_threads
+
+        set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.weight_grid:
         grid = _weight_vectors(args.weight_grid)
