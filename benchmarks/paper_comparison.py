@@ -38,7 +38,6 @@ from diffblend.evaluate.report import build_report, _mean_weighted, _seconds, _n
 from diffblend.evaluate.sweep import build_settings, pair_grid, run_sweep
 
 PAPER = {"base": -0.04, "soup": 0.11, "code": 0.22, "rgg": 0.32, "mpa": 0.42, "morl": 0.46}  # SD 1.5, w = 0.5
-PAPER_COST = {"mpa": 2.03, "ls": 1.03}
 LABEL = {"base": "base", "soup": "RS", "rgg": "RGG", "code": "CoDe", "mpa": "DB-MPA", "ls": "DB-MPA-LS",
          "morl": "MORL"}
 
@@ -149,7 +148,7 @@ def main(argv=None) -> int:
         text += f"\n## Samples across w\n\nTwo prompts, seed 0, same noise along each row.\n\n![grid]({grid_png.name})\n"
     md = data / "README.md"
     tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(text.replace("](", "](").rstrip() + "\n")
+    tmp.write_text(text.rstrip() + "\n")
     os.replace(tmp, md)
     print(f"wrote {md} ({wall:.0f} s)")
     print(_headline(recs, pair, costs))
