@@ -164,3 +164,13 @@ def test_shards_are_found_and_merged_whatever_the_records_file_is_called(tmp_pat
     assert run_sweep(BACKEND, st, PROMPTS, SEEDS[:2], path, progress=False, process_index=1,
                      num_processes=2).generated == 0  # its shard counts as done
     assert merge_shards(path) == len(st) * len(PROMPTS) * 2 and not shard_path(path, 0).exists()
+
+
+def test_rgg_and_code_on_the_toy_with_no_reward_weight_are_the_base():
+    # r(w) = 0: nothing to guide or select with, so both reduce to plain sampling (same noise).
+    base = generate(BACKEND, Setting.make("base"), ["a", "b"], [0, 1]).x0
+    for m in ("rgg", "code"):
+        out = generate(BACKEND, Setting.make(m, {"right": 0.0, "up": 0.0}), ["a", "b"], [0, 1], OPTS).x0
+        assert out.shape == base.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(generate(BACKEND, Setting.make("rgg", {"right": 0.0, "up": 0.0}), ["a", "b"], [0, 1]).x0,
+                               base, rtol=0, atol=1e-12)

@@ -80,7 +80,8 @@ class ToyBackend(Backend):
 
         def fn(images: torch.Tensor) -> torch.Tensor:
             x = images.to(torch.float64)
-            return sum(w * r(x) for r, w in terms).to(images.dtype)
+            # start at zeros (B,): with no weighted term, r(w) = 0, not the int 0 of an empty sum
+            return sum((w * r(x) for r, w in terms), x.new_zeros(x.shape[0])).to(images.dtype)
 
         return fn
 
