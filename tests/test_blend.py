@@ -199,3 +199,38 @@ def test_blend_sample_keys_key_the_ls_denoiser():
         Blend.create([1, 0, 0], NAMES, sample_keys=[1.5])
     with pytest.raises(ValueError, match="sample_keys has 8 keys for 2 samples"):
         blend_denoisers(models, b)(x[:2], t[:2], None)
+
+
+def test_guidance_around_an_ls_blend_shares_one_draw_per_sample():
+    """CFG outside a blend (core.sample's guidance_scale): the blend sees [uncond (B); cond (B)].
+    An LS blend must give rows j and B + j one draw (groups=2), so each sample is guided with one
+    model; a groups=1 LS blend would draw the halves independently (and fail with sample_keys),
+    so it is refused with the fix in the message. For MPA guidance is linear."""
+    from diffblend.core import NoiseSchedule, cfg_denoiser, sample
+
+    models = {n: (lambda f: lambda x, t, c: f(x, t, c) * c.reshape(-1, 1))(f) for n, f in _toy_models().items()}
+    B = 16
+    x, t = torch.randn(B, 3), torch.full((B,), 300)
+    cond, uncond = torch.full((B,), 2.0), torch.full((B,), 0.5)
+    keys = tuple(range(100, 100 + B))
+    for sample_keys in (None, keys):
+        ls = Blend.create([0.5, 0.5, 0.0], NAMES, method="ls", kl_strength=0.8, seed=2, sample_keys=sample_keys)
+        with pytest.raises(ValueError, match="groups=2"):
+            cfg_denoiser(blend_denoisers(models, ls), 3.0, uncond)
+        with pytest.raises(ValueError, match="groups=2"):
+            sample(blend_denoisers(models, ls), x, NoiseSchedule.linear(1000), [300], cond, guidance_scale=3.0,
+                   uncond=uncond)
+        out = cfg_denoiser(blend_denoisers(models, ls, groups=2), 3.0, uncond)(x, t, cond)
+        choice = ls.choices(step_key(t), B)
+        assert len(set(choice.tolist())) == 3  # base and both adapters drawn (seeded)
+        for i in range(B):
+            one = cfg_denoiser(models[ls.model_names[int(choice[i])]], 3.0, uncond[i:i + 1])
+            assert torch.allclose(out[i], one(x[i:i + 1], t[i:i + 1], cond[i:i + 1])[0], atol=1e-6)
+    mpa = Blend.create([0.5, 0.5, 0.0], NAMES, kl_strength=0.8)
+    guided = {n: cfg_denoiser(f, 3.0, uncond) for n, f in models.items()}
+    assert torch.allclose(cfg_denoiser(blend_denoisers(models, mpa), 3.0, uncond)(x, t, cond),
+                          blend_denoisers(guided, mpa)(x, t, cond), atol=1e-5)
+    with pytest.raises(ValueError, match="groups must be an int"):
+        blend_denoisers(models, mpa, groups=0)
+    with pytest.raises(ValueError, match="not 2 stacked groups"):
+        blend_denoisers(models, ls, groups=2)(x[:3], t[:3], cond[:3])

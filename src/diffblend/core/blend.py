@@ -270,7 +270,7 @@ def _mix(*ints: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable:
+def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend, groups: int = 1) -> Callable:
     """A denoiser that blends separate denoisers with ``blend`` (sequential execution).
 
     Args:
@@ -279,13 +279,17 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable
             may be omitted when lambda = 1).
         blend: the blend; method "mpa" sums the predictions with the coefficients, method "ls"
             runs, for each sample, only the model drawn for it (:func:`ls_choices`).
+        groups: G, how many stacked copies of the samples a batch holds: with G = 2 the
+            denoiser can sit inside classifier-free guidance (:func:`core.cfg_denoiser`, batch
+            [uncond (B); cond (B)]): LS rows j and B + j are one sample and share one draw.
 
-    The returned denoiser treats every row of x as its own sample (index = row), so wrap each
-    model in classifier-free guidance *before* blending (guidance is linear, so guiding then
-    blending equals blending then guiding).
+    With G = 1 every row is its own sample (index = row); then guide each model *before*
+    blending (guidance is linear, so for MPA guiding then blending equals blending then guiding).
     """
     if blend.method == "soup":
         raise ValueError("method 'soup' blends weights, not predictions: use the adapter layer")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     names = blend.model_names
     missing = [n for n, c in blend.active() if n not in denoisers]
     if missing:
@@ -296,7 +300,9 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable
             active = [(n, c) for n, c in blend.active()]
             preds = torch.stack([denoisers[n](x, t, cond) for n, _ in active])
             return combine(preds, [c for _, c in active])
-        choice = blend.choices(step_key(t), x.shape[0]).to(x.device)
+        if x.shape[0] % groups:
+            raise ValueError(f"batch of {x.shape[0]} rows is not {groups} stacked groups of samples")
+        choice = blend.choices(step_key(t), x.shape[0] // groups).repeat(groups).to(x.device)
         out = None
         for k in choice.unique().tolist():
             rows = (choice == k).nonzero().squeeze(1)
@@ -308,6 +314,7 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend) -> Callable
         return out
 
     blended.blend = blend  # type: ignore[attr-defined]
+    blended.groups = groups  # type: ignore[attr-defined]
     return blended
 
 

@@ -285,7 +285,14 @@ def cfg_denoiser(denoiser: Denoiser, guidance_scale: float, uncond: Any) -> Deno
     """Classifier-free guidance as a closure: pred_u + s (pred_c - pred_u), in one batched call.
 
     The wrapped denoiser sees the batch [uncond (B); cond (B)], the layout diffusers pipelines use.
+    An LS blend (``core.blend_denoisers``) must be built with ``groups=2`` so that the two halves
+    of a sample run the same drawn model; otherwise they draw independently (refused).
     """
+    blend = getattr(denoiser, "blend", None)
+    if getattr(blend, "method", None) == "ls" and getattr(denoiser, "groups", 1) != 2:
+        raise ValueError(
+            "classifier-free guidance around an LS blend would draw the uncond and cond halves of a sample "
+            "independently: build it with blend_denoisers(denoisers, blend, groups=2)")
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         both = denoiser(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond))
