@@ -174,6 +174,22 @@ def test_train_base_run_dir_and_resume_matches_an_uninterrupted_run(tmp_path):
         train_base(_tiny_cfg(), run, progress=False)
 
 
+def test_train_base_resume_after_a_kill_between_checkpoints(tmp_path, monkeypatch):
+    """Killed after step 3 was logged but before its checkpoint (the last one is step 2), in the middle of a
+    metrics line: the resumed run redoes step 3, and metrics.jsonl holds each step once."""
+    import diffblend.zoo.train_base as tb
+
+    save = tb._save_checkpoint
+    monkeypatch.setattr(tb, "_save_checkpoint", lambda path, pipe, ema, opt, step, g:
+                        None if step == 3 else save(path, pipe, ema, opt, step, g))
+    train_base(_tiny_cfg(), tmp_path, progress=False, stop_at=3)
+    monkeypatch.setattr(tb, "_save_checkpoint", save)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    train_base(_tiny_cfg(), tmp_path, resume=True, progress=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_shipped_pipeline_loads_and_generates():
     from diffblend.zoo import load_default_pipeline
 

@@ -130,6 +130,21 @@ def _save_checkpoint(path: Path, pipe: Any, ema: dict, opt: Any, step: int, g: t
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to ``step`` (the checkpoint's): a run killed after it logged later steps, or in
+    the middle of a line, redoes those steps when resumed."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a torn line
+            continue
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
 def _params(pipe: Any) -> dict[str, torch.nn.Parameter]:
     named = {f"unet.{k}": p for k, p in pipe.unet.named_parameters()}
     named.update({f"text_encoder.{k}": p for k, p in pipe.text_encoder.named_parameters()})
@@ -182,6 +197,7 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
         ema = state["ema"]
         g.set_state(state["generator"])
         step = int(state["step"])
+        _truncate_metrics(run / "metrics.jsonl", step)
 
     x, y = load_split("train")
     if cfg.train_images:
