@@ -399,6 +399,30 @@ def test_lora_bias_adapter_gives_its_own_model(bp, files):
             torch.testing.assert_close(bp.denoiser(mix, mode=mode)(x, t, emb), ref, atol=1e-5, rtol=0)
 
 
+def test_lora_scale_in_cross_attention_kwargs_scales_every_adapter_in_every_mode(bp):
+    """cross_attention_kwargs={"scale": s} (diffusers' LoRA scale) gives sum_k c_k model_k at scale s,
+    model_k run alone through diffusers, whichever path runs it (routed, merged, sequential)."""
+    unet = bp.pipe.unet
+    x, emb = _inputs(2)
+    t = torch.full((2,), 500)
+    kw = {"cross_attention_kwargs": {"scale": 0.3}}
+    blend = Blend.create({"aes": 0.5, "txt": 0.5}, bp.adapter_names, kl_strength=0.8)
+    with torch.no_grad():
+        ref = 0
+        for n, c in blend.active():
+            _use(unet, n)
+            ref = ref + c * unet(x, t, encoder_hidden_states=emb, **kw).sample
+        unet.enable_lora()
+        assert (ref - bp.denoiser(blend)(x, t, emb)).abs().max() > 1e-3  # the scale matters
+        for merge_cache in (True, False):
+            blender = Blender(unet, merge_cache=merge_cache)
+            for mode in ("batched", "sequential"):
+                got = blend_denoiser(unet, blend, mode=mode, blender=blender)(x, t, {"encoder_hidden_states": emb, **kw})
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert kw == {"cross_attention_kwargs": {"scale": 0.3}}  # the caller's dict is left as it was
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.scaling["aes"] == 2.0  # restored
+
+
 def test_block_routing_with_merged_weights(bp):
     """Row blocks with merged weights (the fast batched path): each block is its model's output."""
     unet, blender = bp.pipe.unet, bp.blender

@@ -31,8 +31,8 @@ MIN_DIFFUSERS = (0, 32, 0)
 _LAYER_ATTRS = ("_active_adapter", "_disable_adapters", "scaling", "lora_A", "lora_B", "merged", "use_dora",
                 "get_delta_weight", "get_base_layer")
 
-__all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "biased_adapters", "is_merged", "route", "active", "scaled_sum",
-           "LayerState", "merged_weights", "weights_version", "swapped", "blocks"]
+__all__ = ["check_versions", "lora_layers", "adapters_on", "dora_adapters", "biased_adapters", "is_merged", "route",
+           "active", "rescaled", "scaled_sum", "LayerState", "merged_weights", "weights_version", "swapped", "blocks"]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -159,6 +159,22 @@ def active(layers: Sequence[torch.nn.Module], name: str | None) -> Iterator[None
             else:
                 layer._disable_adapters = False
                 layer._active_adapter = [name]
+        yield
+    finally:
+        state.restore()
+
+
+@contextlib.contextmanager
+def rescaled(layers: Sequence[torch.nn.Module], factor: float) -> Iterator[None]:
+    """Within the block, every adapter's ``scaling`` is ``factor`` times its own (a LoRA scale)."""
+    if factor == 1.0:
+        yield
+        return
+    state = LayerState(layers)
+    try:
+        for layer in layers:
+            for n in layer.scaling:
+                layer.scaling[n] *= factor
         yield
     finally:
         state.restore()

@@ -38,6 +38,8 @@ from . import _compat
 MODES = ("auto", "batched", "sequential")
 # Tensors passed to the model that have no batch dimension even when their first size equals B.
 _NOT_BATCHED = frozenset({"img_ids", "txt_ids"})
+# Keyword arguments through which diffusers models take a LoRA scale ({"scale": s}).
+_LORA_SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 __all__ = ["MODES", "Blender", "resolve_mode"]
 
@@ -198,6 +200,19 @@ class Blender:
         if blend is None:
             with _compat.active(self.layers, None):
                 return forward(**call)
+        # A LoRA scale in the attention kwargs (``cross_attention_kwargs={"scale": s}``): diffusers'
+        # forward would multiply the scaling of the *active* adapters only, which neither per-row
+        # routing nor merged weights see; here every adapter's scaling is s times its own instead.
+        scale = 1.0
+        for name in _LORA_SCALE_KWARGS:
+            if isinstance(call.get(name), Mapping) and "scale" in call[name]:
+                call[name] = dict(call[name])
+                scale *= float(call[name].pop("scale"))
+        with _compat.rescaled(self.layers, scale):
+            return self._blend_forward(forward, blend, groups, call, mode, B)
+
+    def _blend_forward(self, forward: Callable, blend: Blend, groups: int, call: dict, mode: str, B: int) -> Any:
+        """:meth:`forward` once the call is bound and checked: ``call`` holds the model's arguments."""
         if blend.method == "soup":
             scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights) if w != 0.0}
             if self._can_merge(scales):
