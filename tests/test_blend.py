@@ -234,3 +234,11 @@ def test_guidance_around_an_ls_blend_shares_one_draw_per_sample():
         blend_denoisers(models, mpa, groups=0)
     with pytest.raises(ValueError, match="not 2 stacked groups"):
         blend_denoisers(models, ls, groups=2)(x[:3], t[:3], cond[:3])
+
+
+def test_ls_accepts_lambda_one_up_to_round_off_and_can_draw():
+    lam = (79 / 10) * (10 / 79)  # 1.0000000000000002: accepted by create(), so it must also sample
+    assert lam > 1
+    b = Blend.create([0.5, 0.5, 0.0], NAMES, method="ls", kl_strength=lam)
+    assert b.kl_strength == 1.0 and (b.coefficients() >= 0).all()
+    assert b.choices(step=3, num_samples=8).shape == (8,)

@@ -164,6 +164,8 @@ class Blend:
                 f"gives the base coefficient 1 - lambda = {1 - lam:.3g} < 0 (Prop. 2 does not hold); "
                 f"use method='mpa' to extrapolate"
             )
+        if method == "ls":
+            lam = min(lam, 1.0)  # 1 + round-off: a base coefficient of -2e-16 would refuse every LS draw
         return cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed,
                    sample_keys=sample_keys)
 
