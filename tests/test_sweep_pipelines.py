@@ -102,3 +102,19 @@ def test_backend_equals_the_pipelines_own_call_on_the_digits_model(tmp_path):
     ours = be.to_images(generate(be, Setting.make("mpa", w, 1.0), prompts, seeds).x0)
     theirs = be.bp(prompts, weights=w, generator=gens(), **kw).images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_an_oracle_serves_every_w_with_the_same_non_zero_weights(tmp_path):
+    # r(w) does not change when a reward is listed with weight 0 (a three-reward grid on a pair's
+    # edge), so the pair's oracle is the oracle there.
+    pipe = tiny_sd(tmp_path)
+    a = save_random_lora(pipe, tmp_path / "a", seed=1)
+    b = save_random_lora(pipe, tmp_path / "b", seed=2)
+    half = save_random_lora(pipe, tmp_path / "half", seed=3)
+    be = DiffusersBackend(pipe, {"bright": a, "left_dark": b}, {"bright": bright, "left_dark": left_dark,
+                                                                "jpeg_like": jpeg_like},
+                          oracles=[({"bright": 0.5, "left_dark": 0.5}, half)], num_steps=2, guidance_scale=1.0)
+    pair = generate(be, Setting.make("morl", {"bright": 0.5, "left_dark": 0.5}), ["x"], [0]).x0
+    edge = generate(be, Setting.make("morl", {"bright": 0.5, "left_dark": 0.5, "jpeg_like": 0.0}), ["x"], [0]).x0
+    torch.testing.assert_close(pair, edge, rtol=0, atol=0)
+    assert be.oracle_name({"left_dark": 0.5, "bright": 0.5}) == be.oracle_name({"bright": 0.5, "left_dark": 0.5})

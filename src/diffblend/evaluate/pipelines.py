@@ -42,6 +42,11 @@ def oracle_adapter_name(weights: Mapping[str, float]) -> str:
     return "morl_" + hashlib.sha1(setting_key("morl", weights, None).encode()).hexdigest()[:10]
 
 
+def _oracle_key(weights: Mapping[str, float]) -> str:
+    """The MORL oracle's w without its zero weights: r(w) is the same with or without them."""
+    return setting_key("morl", {k: v for k, v in weights.items() if v != 0}, None)
+
+
 class DiffusersBackend(Backend):
     """A diffusers pipeline + per-reward adapters + rewards, as a :class:`~.methods.Backend`.
 
@@ -79,7 +84,7 @@ class DiffusersBackend(Backend):
             name = oracle_adapter_name(w)
             if name not in loaded:
                 self.bp.load_adapter(name, path)
-            self._oracles[setting_key("morl", w, None)] = name
+            self._oracles[_oracle_key(w)] = name
         oracle_names = set(self._oracles.values())
         self.adapter_names = tuple(n for n in self.bp.adapter_names if n not in oracle_names)
         if not isinstance(rewards, Mapping):
@@ -127,7 +132,7 @@ class DiffusersBackend(Backend):
 
     def oracle_name(self, weights: Mapping[str, float]) -> str | None:
         """The adapter that serves as the MORL oracle at w, or None."""
-        name = self._oracles.get(setting_key("morl", weights, None))
+        name = self._oracles.get(_oracle_key(weights))
         hot = [n for n, v in weights.items() if v != 0]
         if name is None and len(hot) == 1 and weights[hot[0]] == 1.0 and hot[0] in self.adapter_names:
             # At a one-hot w, r(w) = r_i: the MORL oracle is the adapter fine-tuned on r_i alone.
