@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     out["dora"] = save_random_lora(pipe, d / "dora", seed=9, use_dora=True)
     out["with_te"] = save_random_lora(pipe, d / "with_te", seed=10, text_encoder=True)
     out["xl"] = save_random_lora(tiny_sdxl(d), d / "xl", seed=11)
+    out["other_layers"] = save_random_lora(pipe, d / "other_layers", seed=13, targets=["proj_in", "proj_out", "conv1"])
     out["biased"] = save_random_lora(pipe, d / "biased", seed=12, targets=["to_out.0", "time_emb_proj"], lora_bias=True)
     out["dir"] = d
     return out
@@ -449,3 +450,25 @@ def test_adapters_loaded_through_diffusers_are_picked_up(bp, files):
     torch.testing.assert_close(out, bp(weights={"aes": 1.0}, **{**kw, "generator": torch.Generator().manual_seed(0)})
                                .images, atol=1e-5, rtol=0)
     assert "late" in bp.adapter_names
+
+
+def test_adapter_replaced_under_the_same_name_is_picked_up(bp, files):
+    """delete_adapters + load_lora_weights under an old name (other target layers): the blend runs the
+    new adapter on its layers, in both modes, as a Blender built afresh does."""
+    x, emb = _inputs(2)
+    t = torch.full((2,), 500)
+    blend = Blend.create({"aes": 0.5, "txt": 0.5}, bp.adapter_names)
+    with torch.no_grad():
+        old = bp.denoiser(blend)(x, t, emb)
+        bp.pipe.delete_adapters("aes")
+        bp.pipe.load_lora_weights(str(files["other_layers"]), adapter_name="aes")
+        ref = blend_denoiser(bp.pipe.unet, blend, mode="sequential", blender=Blender(bp.pipe.unet, merge_cache=False))
+        ref = ref(x, t, emb)
+        assert (ref - old).abs().max() > 1e-3
+        for mode in ("batched", "sequential"):
+            torch.testing.assert_close(bp.denoiser(blend, mode=mode)(x, t, emb), ref, atol=1e-5, rtol=0)
+        kw = dict(prompt="a", num_inference_steps=1, height=16, width=16, output_type="latent")
+        got = bp(weights={"aes": 0.5, "txt": 0.5}, generator=torch.Generator().manual_seed(0), **kw).images
+        fresh = BlendPipeline(bp.pipe)(weights={"aes": 0.5, "txt": 0.5}, generator=torch.Generator().manual_seed(0),
+                                       **kw).images
+    torch.testing.assert_close(got, fresh, atol=1e-5, rtol=0)

@@ -198,8 +198,7 @@ class BlendPipeline:
         Returns:
             the pipeline's own output.
         """
-        if set(getattr(self.model, "peft_config", None) or {}) != set(self.blender.adapter_names):
-            self.blender.refresh()  # adapters were loaded or deleted through diffusers since
+        self.blender.sync()  # adapters loaded, deleted or replaced through diffusers since
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
                                 normalize=normalize, sample_keys=sample_keys)
         self.blender.check(blend, self.blender.resolve(blend, mode))

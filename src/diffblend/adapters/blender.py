@@ -111,9 +111,18 @@ class Blender:
         """Re-read the model's LoRA layers (after adapters were loaded or deleted)."""
         self.layers = _compat.lora_layers(self.model)
         self.adapter_names = _compat.adapters_on(self.layers)
+        self._configs = dict(getattr(self.model, "peft_config", None) or {})  # strong refs: ids stay unique
         self.dora = _compat.dora_adapters(self.layers)
         self._no_merge = self.dora | _compat.biased_adapters(self.layers)  # W + dW is not the adapter
         self._cache = {}
+
+    def sync(self) -> None:
+        """:meth:`refresh` if adapters were loaded, deleted or replaced on the model since (e.g. through
+        diffusers' ``load_lora_weights`` / ``delete_adapters``: a new adapter under an old name can
+        target other layers)."""
+        configs = getattr(self.model, "peft_config", None) or {}
+        if configs.keys() != self._configs.keys() or any(configs[k] is not v for k, v in self._configs.items()):
+            self.refresh()
 
     def _weights(self, key: Any, scales: dict[str, float]) -> list:
         """Merged weights for ``scales`` from the cache, rebuilt if any weight changed since."""
@@ -187,6 +196,7 @@ class Blender:
             blend: the blend; None runs the base model (no adapter).
             groups: G, how many stacked copies of the samples the batch holds (2 with CFG).
         """
+        self.sync()
         bound = inspect.signature(forward).bind(*args, **kwargs)
         call = dict(bound.arguments)
         if self._var_kw is not None:
