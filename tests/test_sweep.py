@@ -174,3 +174,9 @@ def test_rgg_and_code_on_the_toy_with_no_reward_weight_are_the_base():
         assert out.shape == base.shape and torch.isfinite(out).all()
     torch.testing.assert_close(generate(BACKEND, Setting.make("rgg", {"right": 0.0, "up": 0.0}), ["a", "b"], [0, 1]).x0,
                                base, rtol=0, atol=1e-12)
+
+
+def test_the_toy_names_its_rewards_when_w_names_another():
+    for m in ("mpa", "morl", "rgg", "code"):
+        with pytest.raises(ValueError, match=r"the toy has \['right', 'up', 'centre'\]"):
+            generate(BACKEND, Setting.make(m, {"right": 0.5, "left": 0.5}), ["a"], [0], OPTS)

@@ -61,12 +61,16 @@ class ToyBackend(Backend):
             return self._models[BASE]
         if blend.method == "soup":
             raise ValueError("the toy's adapters are exact densities, not weights: method 'soup' is not defined on it")
-        unknown = [n for n in blend.names if n not in self._models]
-        if unknown:
-            raise ValueError(f"weights name adapter(s) {unknown}; the toy has {list(self.adapter_names)}")
+        self._check_names(blend.names)
         return blend_denoisers(self._models, blend)
 
+    def _check_names(self, names) -> None:
+        unknown = [n for n in names if n not in self.rewards]
+        if unknown:
+            raise ValueError(f"weights name adapter(s) {unknown}; the toy has {list(self.adapter_names)}")
+
     def oracle_denoiser(self, weights: Mapping[str, float]):
+        self._check_names(weights)
         names = list(weights)
         target = self.base.target([self.rewards[n] for n in names], [weights[n] for n in names], self.alpha)
         return target.denoiser(self.schedule)
@@ -76,6 +80,7 @@ class ToyBackend(Backend):
         return {n: r(x) for n, r in self.rewards.items()}
 
     def score_fn(self, weights: Mapping[str, float], prompts: Sequence[str], *, differentiable: bool):
+        self._check_names(weights)
         terms = [(self.rewards[n], float(w)) for n, w in weights.items() if w != 0]
 
         def fn(images: torch.Tensor) -> torch.Tensor:
