@@ -238,3 +238,10 @@ def test_half_precision_log_prob_is_summed_in_float32(dtype):
     ref = gaussian_log_prob(x.double(), mean.double(), std.double())
     assert lp.dtype == torch.float32
     assert torch.allclose(lp.double(), ref, rtol=1e-5, atol=0)
+
+
+def test_from_scheduler_refuses_a_scheduler_without_a_vp_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler has no alphas_cumprod"):
+        NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())

@@ -71,6 +71,9 @@ class NoiseSchedule:
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
         """Read the schedule of a diffusers DDIM/DDPM-style scheduler (duck-typed, no import)."""
+        if not isinstance(getattr(scheduler, "alphas_cumprod", None), torch.Tensor):
+            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: NoiseSchedule reads discrete "
+                             f"VP schedulers (DDIM / DDPM style), not flow-matching or continuous-sigma ones")
         cfg = scheduler.config
         ac = scheduler.alphas_cumprod.to(torch.float64)
         final = 1.0 if getattr(cfg, "set_alpha_to_one", True) else float(ac[0])
