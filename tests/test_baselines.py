@@ -132,3 +132,11 @@ def test_rgg_gradient_does_not_depend_on_the_parameterisation(prediction_type):
     for norm in (None, "rms"):
         ref = _reward_grad(score, lambda z: z, SCHED, eps, x, t, norm)
         torch.testing.assert_close(_reward_grad(score, lambda z: z, sched, pred, x, t, norm), ref)
+
+
+def test_code_refuses_a_score_fn_of_the_wrong_shape():
+    x = randn((3, 2), gens(3), dtype=torch.float64)
+    for bad in (lambda im: score(im).sum(), lambda im: score(im)[:, None]):
+        with pytest.raises(ValueError, match=r"score_fn must return shape \(12,\)"):
+            code_sample(BASE.denoiser(SCHED), x, SCHED, TS, score_fn=bad,
+                        config=CoDeConfig(num_candidates=4, block_size=5), generators=gens(3, 10_000))

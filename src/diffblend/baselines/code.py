@@ -126,7 +126,10 @@ def code_sample(
             _, x0c = schedule.to_eps_x0(pc, xc, t_next.expand(B * N))
         else:
             pc, x0c = None, xc
-        scores = score_fn(decode(x0c)).reshape(B, N)
+        scores = score_fn(decode(x0c))
+        if scores.shape != (B * N,):
+            raise ValueError(f"score_fn must return shape ({B * N},) (one score per image), got {tuple(scores.shape)}")
+        scores = scores.reshape(B, N)
         reward_evals += N
         best = torch.nan_to_num(scores.float(), nan=-torch.inf).argmax(1).cpu()  # (B,)
         rows = torch.arange(B) * N + best
