@@ -190,6 +190,20 @@ def test_train_base_resume_after_a_kill_between_checkpoints(tmp_path, monkeypatc
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_train_base_resume_refuses_a_different_config(tmp_path):
+    import dataclasses
+
+    train_base(_tiny_cfg(), tmp_path, progress=False, stop_at=2)
+    with pytest.raises(ValueError, match=r"differs from the run's config.json in \['batch_size', 'lr'\]"):
+        train_base(dataclasses.replace(_tiny_cfg(), lr=0.5, batch_size=8), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        train_base(dataclasses.replace(_tiny_cfg(), steps=1), tmp_path, resume=True, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == _tiny_cfg().lr  # the record is kept
+    # more steps (and other evaluation settings) continue the run
+    out = train_base(dataclasses.replace(_tiny_cfg(), steps=5), tmp_path, resume=True, progress=False)
+    assert out["steps"] == 5 and json.loads((tmp_path / "config.json").read_text())["steps"] == 5
+
+
 def test_shipped_pipeline_loads_and_generates():
     from diffblend.zoo import load_default_pipeline
 

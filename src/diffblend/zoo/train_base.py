@@ -130,6 +130,23 @@ def _save_checkpoint(path: Path, pipe: Any, ema: dict, opt: Any, step: int, g: t
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+# what a resumed run may change: its length, and the settings of the evaluation and the bookkeeping
+_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "eval_per_digit", "eval_steps", "eval_guidance",
+                      "eval_eta", "extra"}
+
+
+def _check_resumable(path: Path, cfg: TrainBaseConfig) -> None:
+    """Refuse to resume a run with settings that differ from its ``config.json`` (other than the above)."""
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
+    diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if diff:
+        raise ValueError(f"--resume: the config differs from the run's config.json in {diff}; use the same "
+                         f"settings (only the number of steps and the evaluation may change) or a new run dir")
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines up to ``step`` (the checkpoint's): a run killed after it logged later steps, or in
     the middle of a line, redoes those steps when resumed."""
@@ -179,6 +196,8 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
         raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
     if not resume and (ckpt_path.exists() or (run / "metrics.jsonl").exists()):
         raise ValueError(f"run directory {run} already holds a run; pass --resume or choose another directory")
+    if resume:
+        _check_resumable(run / "config.json", cfg)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", asdict(cfg))
 
@@ -197,6 +216,8 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
         ema = state["ema"]
         g.set_state(state["generator"])
         step = int(state["step"])
+        if cfg.steps < step:
+            raise ValueError(f"--resume: steps must be >= {step}, the steps {ckpt_path} has done; got {cfg.steps}")
         _truncate_metrics(run / "metrics.jsonl", step)
 
     x, y = load_split("train")
