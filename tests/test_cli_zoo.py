@@ -130,6 +130,10 @@ def test_train_base_cli_tiny(tmp_path, capsys):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["images"] == 10 and len(ev["per_digit"]) == 10
     assert main(["train-base", str(run), "--steps", "2", "--no-progress"]) == 1  # run dir in use
+    # --resume of the finished run: nothing to train, no error (it failed formatting a None loss)
+    capsys.readouterr()
+    assert main(["train-base", str(run), "--steps", "2", "--batch-size", "4", "--eval-per-digit", "0",
+                 "--no-progress", "--resume"]) == 0, capsys.readouterr().err
 
 
 def test_generate_on_a_model_folder(tmp_path, adapters, capsys):

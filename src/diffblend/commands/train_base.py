@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
         save_classifier(clf, Path(args.run_dir) / "classifier", extra={"heldout_accuracy": acc})
         print(f"classifier: held-out accuracy {acc:.4f} -> {Path(args.run_dir) / 'classifier'}")
     summary = train_base(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, device=args.device)
-    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; "
-          f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; pipeline: {summary['pipeline']}")
+    loss = ("no step left to train" if summary["first_loss"] is None
+            else f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; {loss}; "
+          f"pipeline: {summary['pipeline']}")
     ev = summary.get("eval")
     if ev:
         per = " ".join(f"{d}:{a:.2f}" for d, a in enumerate(ev["per_digit"]))

@@ -261,9 +261,10 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
                 _save_checkpoint(ckpt_path, pipe, ema, opt, step, g)
     bar.close()
     train_seconds = time.time() - t0
+    final_loss = sum(losses[-25:]) / len(losses[-25:]) if losses else None  # None: no step in this call
     if step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
         return {"steps": step, "train_seconds": round(train_seconds, 1), "first_loss": first_loss,
-                "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:])), "pipeline": None, "eval": None}
+                "final_loss": final_loss, "pipeline": None, "eval": None}
 
     # the EMA weights are the model that ships
     with torch.no_grad():
@@ -274,7 +275,7 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
     out_dir = run / "pipeline"
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     summary: dict[str, Any] = {"steps": step, "train_seconds": round(train_seconds, 1),
-                               "first_loss": first_loss, "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:])),
+                               "first_loss": first_loss, "final_loss": final_loss,
                                "pipeline": str(out_dir), "eval": None}
     if cfg.eval_per_digit > 0:
         t1 = time.time()
