@@ -245,3 +245,21 @@ def test_from_scheduler_refuses_a_scheduler_without_a_vp_schedule():
 
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler has no alphas_cumprod"):
         NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
+
+
+def test_a_replaced_sample_is_the_one_scored():
+    """log_probs[i] is log p(x_prev | x_t) of the x_prev the loop continues from (and keeps in the
+    trajectory), also when the callback replaces it."""
+    ns = NoiseSchedule.linear(100)
+    steps = []
+
+    def cb(i, t, out):
+        steps.append(out)
+        return out.mean + 0.5 * out.std  # a sample other than the drawn one
+
+    out = sample(lambda x, t, c: 0.1 * x, torch.ones(2, 3), ns, ns.timesteps(4), callback=cb, eta=1.0,
+                 generators=torch.Generator().manual_seed(0), keep_trajectory=True)
+    for i, s in enumerate(steps):
+        assert torch.equal(out.latents[i + 1], s.mean + 0.5 * s.std)
+        assert torch.allclose(out.log_probs[i], gaussian_log_prob(out.latents[i + 1], s.mean, s.std))
+    assert (out.log_probs[:3] != 0).all()  # stochastic steps, so the check above can fail

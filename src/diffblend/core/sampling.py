@@ -351,7 +351,8 @@ def sample(
         sampler: "ddim" or "ddpm".
         guidance_scale, uncond: classifier-free guidance when guidance_scale != 1.
         generators: one ``torch.Generator`` per sample (or one for all) for the step noise.
-        callback: ``callback(i, t, step_output)`` after each step; may return a replacement x_prev.
+        callback: ``callback(i, t, step_output)`` after each step; may return a replacement x_prev
+            (its log-probability under the step's Gaussian is then the one recorded).
         keep_trajectory: keep every x_t (for RL).
     """
     if sampler not in ("ddim", "ddpm"):
@@ -370,8 +371,8 @@ def sample(
             out = ddpm_step(pred, t, x, schedule, prev_t, generator=generators)
         if callback is not None:
             replaced = callback(i, t, out)
-            if replaced is not None:
-                out.prev_sample = replaced
+            if replaced is not None:  # score the sample the loop goes on from
+                out.prev_sample, out.log_prob = replaced, gaussian_log_prob(replaced, out.mean, out.std)
         x = out.prev_sample
         log_probs.append(out.log_prob)
         x0s.append(out.x0_hat)
