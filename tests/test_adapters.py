@@ -129,6 +129,27 @@ def test_rank_layout_and_missing_keys_refused(bp, files, tmp_path):
     assert "bad" not in bp.adapter_names
 
 
+def test_config_rank_that_differs_from_the_tensors_refused(bp, files, tmp_path):
+    """Metadata r = 8 on rank-4 tensors: one line naming the adapter, not peft's size-mismatch dump."""
+    from safetensors import safe_open
+
+    with safe_open(str(files["txt"]), framework="pt") as fh:
+        meta = fh.metadata()
+    config = json.loads(meta["lora_adapter_metadata"])
+    path = tmp_path / "r8.safetensors"
+    save_file(load_file(str(files["txt"])), str(path),
+              metadata={**meta, "lora_adapter_metadata": json.dumps({**config, "unet.r": 8})})
+    with pytest.raises(AdapterError, match=r"adapter 'r8': rank layout differs .* rank 4 in the tensors, 8 in the "
+                                           r"config.*more\)$"):
+        bp.load_adapter("r8", path)
+    assert "r8" not in bp.adapter_names and "r8" not in bp.pipe.unet.peft_config
+    pattern = {**config, "unet.r": 8, "unet.rank_pattern": {"to_q": 4, "to_k": 4, "to_v": 4, "to_out.0": 4,
+                                                            "time_emb_proj": 4}}
+    save_file(load_file(str(files["txt"])), str(path), metadata={**meta, "lora_adapter_metadata": json.dumps(pattern)})
+    bp.load_adapter("r8", path)  # every module's rank given by rank_pattern: loads
+    assert "r8" in bp.adapter_names
+
+
 def test_fused_checkpoint_and_fused_pipeline_refused(bp, files, tmp_path):
     full = {"unet." + k: v.contiguous() for k, v in tiny_sd(tmp_path).unet.state_dict().items()}
     path = tmp_path / "full.safetensors"

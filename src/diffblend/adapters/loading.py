@@ -31,7 +31,7 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DENOISER_COMPONENTS = ("unet", "transformer")
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?:\.(?P<leaf>weight|bias))?$")
 
-__all__ = ["AdapterError", "read_adapter", "check_fits", "load_adapter", "PICKLE_SUFFIXES"]
+__all__ = ["AdapterError", "read_adapter", "check_fits", "check_ranks", "load_adapter", "PICKLE_SUFFIXES"]
 
 
 class AdapterError(ValueError):
@@ -180,6 +180,26 @@ def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, c
     return ranks
 
 
+def check_ranks(ranks: dict[str, int], meta: dict | None, name: str) -> None:
+    """Refuse an adapter whose LoraConfig (file metadata / adapter_config.json: ``r``, ``rank_pattern``)
+    gives other ranks than its tensors: peft would build layers of the config's rank and fail to load
+    the tensors into them (a RuntimeError listing every module)."""
+    if not meta or "r" not in meta:
+        return  # no config: diffusers takes the ranks from the tensors
+    from peft.utils.other import get_pattern_key
+
+    pattern = meta.get("rank_pattern") or {}
+    bad = []
+    for module, rank in ranks.items():
+        want = int(pattern.get(get_pattern_key(pattern.keys(), module), meta["r"]))
+        if want != rank:
+            bad.append(f"{module}: rank {rank} in the tensors, {want} in the config")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise AdapterError(f"adapter {name!r}: rank layout differs between its LoRA config and its weights: "
+                           + "; ".join(bad[:3]) + more)
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """Silence the expected notices of a multi-adapter load (peft's "Already found a peft_config")."""
@@ -223,6 +243,7 @@ def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, compone
     sd, meta = split_components(sd, meta, component, name, text_encoder)
     sd = _to_peft_keys(sd)
     ranks = check_fits(model, sd, name, component)
+    check_ranks(ranks, meta, name)
     if not hasattr(model, "load_lora_adapter"):
         raise RuntimeError(f"{type(model).__name__} has no load_lora_adapter (diffusers PeftAdapterMixin)")
     kwargs = {"metadata": meta} if meta else {}
