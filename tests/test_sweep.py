@@ -180,3 +180,18 @@ def test_the_toy_names_its_rewards_when_w_names_another():
     for m in ("mpa", "morl", "rgg", "code"):
         with pytest.raises(ValueError, match=r"the toy has \['right', 'up', 'centre'\]"):
             generate(BACKEND, Setting.make(m, {"right": 0.5, "left": 0.5}), ["a"], [0], OPTS)
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
+    # A records file written by other code ("\n".join(json.dumps(r) ...)) ends without a newline;
+    # only a cut write can leave an incomplete record, so a complete one is read and kept.
+    from diffblend.evaluate.records import RecordWriter
+
+    recs = [dict(method="base", weights=None, prompt="p", seed=s, rewards={"r": 0.1 * s}, seconds=1.0,
+                 **{"lambda": None}) for s in range(3)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs[:2]))
+    assert [r["seed"] for r in read_records(path)] == [0, 1]
+    with RecordWriter(path) as w:
+        w.write(recs[2])
+    assert [r["seed"] for r in read_records(path)] == [0, 1, 2]

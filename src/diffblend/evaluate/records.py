@@ -13,7 +13,8 @@ model evaluations and show up only in ``seconds``).
 
 Appending is kill-safe: each record goes out as one ``os.write`` of a complete line followed by
 fsync, so a kill can leave at most one partial last line; :func:`read_records` skips it and
-:class:`RecordWriter` cuts it off before appending (no half line ever merges with a new one).
+:class:`RecordWriter` cuts it off before appending (no half line ever merges with a new one). A
+complete record on a last line without its newline (a file written by other code) is kept.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def _check(rec: Mapping, where: str) -> None:
 def read_records(path: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
     """All complete records of a JSONL file, in file order.
 
-    A last line without its newline (a write cut by a kill) is skipped. A malformed line
-    anywhere else is an error naming the line, since it cannot come from a kill.
+    A last line without its newline is skipped if it is a cut write (not a whole record). A
+    malformed line anywhere else is an error naming the line, since it cannot come from a kill.
     """
     path = Path(path)
     if not path.exists():
@@ -74,8 +75,25 @@ def read_records(path: str | os.PathLike, *, missing_ok: bool = False) -> list[d
             raise ValueError(f"{path}:{i}: malformed record ({exc.msg})") from None
         _check(rec, f"{path}:{i}")
         out.append(rec)
-    del tail  # a partial last line: the write was cut; the record is simply not there
-    return out
+    rec = _complete(tail)
+    if rec is not None:  # a whole record that only lacks its newline (a file written by other code)
+        out.append(rec)
+    return out  # otherwise a partial last line: the write was cut; the record is simply not there
+
+
+def _complete(tail: bytes) -> dict | None:
+    """The record on a last line without its newline, or None if that line is a cut write.
+
+    Our writes put a record and its newline in one ``os.write``, so a cut one is never valid JSON
+    with every field; a line that is must have come whole from elsewhere.
+    """
+    if not tail.strip():
+        return None
+    try:
+        rec = json.loads(tail)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and all(k in rec for k in REQUIRED) else None
 
 
 def _json_default(x):
@@ -112,7 +130,12 @@ class RecordWriter:
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            os.truncate(self.path, data.rfind(b"\n") + 1)
+            cut = data.rfind(b"\n") + 1
+            if _complete(data[cut:]) is not None:  # a whole record: end its line instead
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+            else:
+                os.truncate(self.path, cut)
 
     def write(self, rec: Mapping) -> None:
         line = _encode(rec)
