@@ -470,3 +470,25 @@ def test_bad_output_path_is_refused_before_training(tmp_path):
         finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=counting, progress=False,
                  output=tmp_path / "adapter.pt")
     assert not calls and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_adapters_applies_each_files_lora_alpha(tmp_path):
+    """An adapter saved with lora_alpha = 2 r (scale 2) is the same model as scale 1 with B doubled."""
+    from diffblend.train.evaluate import evaluate_adapters
+
+    scaled = tiny_policy()
+    add_lora(scaled.unet, 4, lora_alpha=8, generator=torch.Generator().manual_seed(0))
+    plain = lora_policy(seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for (n, p), (_, q) in zip(scaled.unet.named_parameters(), plain.unet.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                q.copy_(2 * p)
+    files = {"scaled": save_lora(scaled.unet, tmp_path / "s.safetensors"),
+             "plain": save_lora(plain.unet, tmp_path / "p.safetensors")}
+    res = evaluate_adapters(tiny_policy(), files, rewards=("boldness",), prompts=("a", "b"), per_prompt=2,
+                            num_steps=4, guidance_scale=1.0)
+    assert res["plain"]["boldness"] != res["base"]["boldness"]
+    assert res["scaled"]["boldness"] == pytest.approx(res["plain"]["boldness"], abs=1e-5)
+    assert res["scaled"]["kl_path"] == pytest.approx(res["plain"]["kl_path"], rel=1e-3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -77,14 +78,25 @@ def evaluate_adapters(policy: DiffusionPolicy, adapters: Mapping[str, str | os.P
     ranks = {int(meta.get("r", 4)) for _, meta in files.values()}
     if len(ranks) > 1:
         raise ValueError(f"adapters must share one rank to be swapped into one model, got ranks {sorted(ranks)}")
-    add_lora(policy.unet, ranks.pop() if ranks else 4)
+    rank = ranks.pop() if ranks else 4
+    add_lora(policy.unet, rank)  # lora_alpha = r: scale 1; each file's own scale is folded into its B below
     results = {}
     with base_model(policy.unet):
         results["base"] = _evaluate(policy, fns, batch, seed, num_steps, guidance_scale, with_kl=False)
-    for name, (state, _) in files.items():
-        set_lora_state_dict(policy.unet, state)
+    for name, (state, meta) in files.items():
+        set_lora_state_dict(policy.unet, _scaled_to_one(name, state, meta, rank))
         results[name] = _evaluate(policy, fns, batch, seed, num_steps, guidance_scale, with_kl=True)
     return results
+
+
+def _scaled_to_one(name: str, state: dict[str, torch.Tensor], meta: dict, rank: int) -> dict[str, torch.Tensor]:
+    """The adapter's state with peft's scale (lora_alpha / r, or / sqrt(r) with rsLoRA) folded into B, so that it
+    computes the same update in a LoRA layer of scale 1: delta W = scale * B A."""
+    if meta.get("rank_pattern") or meta.get("alpha_pattern") or meta.get("use_dora"):
+        raise ValueError(f"adapter {name!r}: per-module ranks / alphas and DoRA are not supported here")
+    alpha = float(meta.get("lora_alpha", rank))
+    scale = alpha / (math.sqrt(rank) if meta.get("use_rslora") else rank)
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
