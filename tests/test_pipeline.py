@@ -143,6 +143,40 @@ def test_pipeline_state_restored_and_weights_change_freely(sd):
     torch.testing.assert_close(_run(sd, weights={"aes": 0.2, "txt": 0.8}), a, atol=0, rtol=0)
 
 
+def _layer_state(bp):
+    return [(layer.get_base_layer().weight.data_ptr(), list(layer.active_adapters), layer._disable_adapters,
+             dict(layer.scaling), "forward" in layer.get_base_layer().__dict__) for layer in bp.blender.layers]
+
+
+@pytest.mark.parametrize("method,mode", [("mpa", "batched"), ("mpa", "sequential"), ("ls", "batched"),
+                                         ("soup", "sequential")])
+def test_state_restored_after_an_exception_inside_the_model(sd, method, mode):
+    """An error half-way through a forward (merged weights swapped in, row blocks patched, scalings
+    changed) leaves the UNet as it was: its forward, every layer's weight, adapters and scalings."""
+    w = {"aes": 0.6, "txt": 0.4}
+    unet = sd.pipe.unet
+    before = _layer_state(sd)
+    ref = _run(sd, weights=w, method=method, mode=mode, kl_strength=0.8, blend_seed=3)
+    calls = []
+
+    def boom(module, args):
+        calls.append(1)
+        if len(calls) == 2:  # the second step, after a first one filled the merged-weight cache
+            raise RuntimeError("boom")
+
+    handle = unet.mid_block.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            _run(sd, weights=w, method=method, mode=mode, kl_strength=0.8, blend_seed=3,
+                 cross_attention_kwargs={"scale": 0.5})
+    finally:
+        handle.remove()
+    assert "forward" not in unet.__dict__
+    assert _layer_state(sd) == before
+    torch.testing.assert_close(_run(sd, weights=w, method=method, mode=mode, kl_strength=0.8, blend_seed=3), ref,
+                               atol=0, rtol=0)
+
+
 class _Spy:
     """Records the LS draws and the routed adapter names (wraps the real functions)."""
 
