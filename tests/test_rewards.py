@@ -54,6 +54,15 @@ def test_black_compresses_better_than_noise_and_scores_are_negative_kb():
     assert (digit < black).all() and (digit > noise).all()
 
 
+def test_compressibility_of_a_non_finite_image_is_nan():
+    """A NaN image (e.g. a sampler run with eta > 1) is no image: NaN like the other rewards, not the
+    best score a blank canvas would get (what its JPEG of zeros gave)."""
+    x = torch.zeros(2, 1, 16, 16)
+    x[1, 0, 3, 3] = float("nan")
+    s, info = get_reward("jpeg_compressibility")(x, ["7", "7"], None)
+    assert torch.isfinite(s[0]) and torch.isnan(s[1]) and torch.isnan(info["jpeg_kb"][1])
+
+
 def test_compressibility_accepts_rgb_and_keeps_device_and_dtype():
     fn = get_reward("compressibility")
     s, _ = fn(torch.zeros(3, 3, 16, 16), ["1"] * 3, None)

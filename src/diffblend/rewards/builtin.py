@@ -35,7 +35,7 @@ def jpeg_compressibility(device: str | torch.device = "cpu", quality: int = 95, 
     The 16x16 digits are first upscaled ``upscale`` times (bilinear, what a viewer would show):
     at 16x16 the file is mostly its fixed header (about 0.33 kB for a grey image), so the size of
     the picture's content would be a small part of the score. Grey images (C = 1) are saved as
-    8-bit grey JPEGs, C = 3 as RGB. Not differentiable.
+    8-bit grey JPEGs, C = 3 as RGB. An image with a NaN or inf pixel scores NaN. Not differentiable.
     """
     from PIL import Image
 
@@ -55,7 +55,9 @@ def jpeg_compressibility(device: str | torch.device = "cpu", quality: int = 95, 
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=int(quality))
             sizes.append(buf.tell() / 1000.0)
-        kb = torch.tensor(sizes, dtype=torch.float32, device=images.device)
+        kb = torch.tensor(sizes, dtype=torch.float32)
+        kb[~torch.isfinite(images.detach().float().cpu()).flatten(1).all(1)] = float("nan")  # no image to compress
+        kb = kb.to(images.device)
         return -kb, {"jpeg_kb": kb}
 
     return fn
