@@ -195,3 +195,11 @@ def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
     with RecordWriter(path) as w:
         w.write(recs[2])
     assert [r["seed"] for r in read_records(path)] == [0, 1, 2]
+
+
+def test_build_settings_refuses_a_bad_blend_before_anything_runs():
+    # Otherwise the sweep would run every earlier setting first and die at the bad one.
+    with pytest.raises(ValueError, match=r"kla.*lambda"):
+        build_settings(["base", "mpa", "kla"], GRID, lambda_grid=[0.5, -1.0])
+    with pytest.raises(ValueError, match=r"mpa.*sum"):
+        build_settings(["base", "mpa"], [{"right": 0.5, "up": 0.6}])

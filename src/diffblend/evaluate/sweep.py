@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.blend import Blend
 from .methods import Backend, GenResult, MethodOptions, Setting, generate
 from .records import RecordWriter, read_records, record_key, setting_key, write_records
 
@@ -66,6 +67,12 @@ def build_settings(methods: Sequence[str], weight_grid: Sequence[Mapping[str, fl
     keys = [setting_key(s.method, s.weights_dict, s.lam) for s in out]
     if len(set(keys)) != len(keys):
         raise ValueError("the sweep lists a setting twice (check the weight and lambda grids)")
+    for s, key in zip(out, keys):  # validate every blend now, not when the sweep reaches it
+        if s.method in BLEND_METHODS or s.method == "kla":
+            try:
+                Blend.create(s.weights_dict, kl_strength=s.lam, method="mpa" if s.method == "kla" else s.method)
+            except ValueError as exc:
+                raise ValueError(f"setting {key}: {exc}") from None
     return out
 
 
