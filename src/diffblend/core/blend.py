@@ -287,6 +287,8 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend, groups: int
 
     With G = 1 every row is its own sample (index = row); then guide each model *before*
     blending (guidance is linear, so for MPA guiding then blending equals blending then guiding).
+    LS passes each model only its drawn rows (of x, t and cond), so a model guided with a fixed
+    batch-sized uncond (``cfg_denoiser(model, s, uncond)``) does not fit there: use G = 2.
     """
     if blend.method == "soup":
         raise ValueError("method 'soup' blends weights, not predictions: use the adapter layer")
