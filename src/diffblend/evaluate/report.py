@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .analysis import kla_table, method_fronts, oracle_gain, select, summarize, weight_grid_of, weighted_reward
+from .analysis import kla_table, method_fronts, oracle_gain, select, summarize, weight_grid_of, weighted_means
 from .records import read_records
 
 __all__ = ["build_report", "write_report", "METHOD_ORDER"]
@@ -134,12 +134,7 @@ def _section(records: list[dict], names: list[str], out_dir: Path, tag: str, roo
 
 
 def _mean_weighted(recs, m, w):
-    sel = select(recs, m, None if m == "base" else w, None, any_lambda=True)
-    vals = [weighted_reward(r["rewards"], w) for r in sel.values()]
-    from .analysis import mean_ci
-
-    mean, half = mean_ci(vals)
-    return mean, half, len(vals)
+    return weighted_means(recs, m, w)  # (mean, CI half-width, n) of r(w)
 
 
 def _style_label(m: str) -> str:
