@@ -247,6 +247,24 @@ def test_ls_warns_with_a_deterministic_sampler(sd):
         _run(sd, weights={"aes": 1.0}, method="ls")  # eta = 1: no warning
 
 
+def test_stochastic_sampler_detection():
+    """LS warns only where the sampler injects no fresh noise (DPM-Solver's sde-* variants do)."""
+    import types
+
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    from diffblend.pipeline import _is_stochastic
+
+    def pipe(scheduler):
+        return types.SimpleNamespace(scheduler=scheduler)
+
+    assert _is_stochastic(pipe(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")), {})
+    assert not _is_stochastic(pipe(DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")), {})
+    assert _is_stochastic(pipe(EulerAncestralDiscreteScheduler()), {})
+    assert not _is_stochastic(pipe(EulerDiscreteScheduler()), {})
+    assert _is_stochastic(pipe(DDIMScheduler()), {"eta": 1.0}) and not _is_stochastic(pipe(DDIMScheduler()), {"eta": 0})
+
+
 # -- SDXL ---------------------------------------------------------------------------------------
 
 def _naive_forward(bp, coeffs):

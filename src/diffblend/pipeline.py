@@ -60,7 +60,10 @@ def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
         return True
     if name.startswith("DDIM"):
         return _eta(pipe, call_kwargs) > 0
-    return bool(getattr(getattr(scheduler, "config", None), "stochastic_sampling", False))
+    config = getattr(scheduler, "config", None)
+    if str(getattr(config, "algorithm_type", "")).startswith("sde-"):  # DPM-Solver's SDE variants
+        return True
+    return bool(getattr(config, "stochastic_sampling", False))
 
 
 def _pipeline_class(model: str | Path) -> Any:
