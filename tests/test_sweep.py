@@ -1,6 +1,7 @@
 """The sweep on the analytic toy: settings, paired noise, resume after a kill, shards."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -203,3 +204,12 @@ def test_build_settings_refuses_a_bad_blend_before_anything_runs():
         build_settings(["base", "mpa", "kla"], GRID, lambda_grid=[0.5, -1.0])
     with pytest.raises(ValueError, match=r"mpa.*sum"):
         build_settings(["base", "mpa"], [{"right": 0.5, "up": 0.6}])
+
+
+def test_ls_without_sampler_noise_says_it_is_a_heuristic():
+    st = Setting.make("ls", {"right": 0.5, "up": 0.5}, 1.0)
+    with pytest.warns(UserWarning, match="stochastic sampler"):
+        generate(BACKEND, st, ["a"], [0], MethodOptions(eta=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(BACKEND, st, ["a"], [0], MethodOptions(eta=1.0))

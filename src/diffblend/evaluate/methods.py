@@ -22,6 +22,7 @@ row in the batch (a resumed sweep reproduces every image).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,9 @@ def _gen_base(backend, setting, prompts, seeds, options):
 def _gen_blend(method: str) -> Callable:
     def gen(backend, setting, prompts, seeds, options):
         blend = _blend(setting, method, options, prompts, seeds)
+        if method == "ls" and options.eta == 0:
+            warnings.warn("method 'ls' is exact in distribution only with a stochastic sampler (Prop. 2: DDIM "
+                          "eta > 0); with eta = 0 it is a randomised heuristic", stacklevel=2)
         per_step = len(blend.active()) if method == "mpa" else 1
         return _plain(backend, setting, prompts, seeds, options, backend.denoiser(blend), per_step)
 
