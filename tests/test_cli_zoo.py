@@ -79,6 +79,8 @@ def test_generate_is_reproducible_and_weights_matter(tmp_path, adapters):
     (["--eta", "2"], "--eta"),  # eta > 1 made NaN images without a word
     (["--eta", "-0.5"], "--eta"),
     (["--scale", "0"], "--scale"),
+    (["--kl-strength", "0.5"], "--weights"),  # without weights it drew the base model, ignoring lambda
+    (["--method", "ls"], "--weights"),
     (["--device", "cuda:99"], "--device"),  # an unusable device was an AssertionError traceback
     (["--device", "nonsense"], "not a torch device"),
     (["--prompt", "a cat", "--weights", "ta=1"], None),  # any prompt is accepted by generate

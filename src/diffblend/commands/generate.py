@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "compressibility=0.3,legibility=0.7 (reward aliases accepted); omit for the base model")
     p.add_argument("--normalize", action="store_true", help="rescale --weights to sum to 1")
     p.add_argument("--kl-strength", type=float, default=1.0,
-                   help="lambda >= 0: 1 = DB-MPA, < 1 closer to the base, > 1 extrapolates (mpa only)")
+                   help="lambda >= 0: 1 = DB-MPA, < 1 closer to the base, > 1 extrapolates (mpa, soup; not ls)")
     p.add_argument("--method", choices=("mpa", "ls", "soup"), default="mpa",
                    help="mpa (weighted predictions), ls (one adapter per step, 1x cost), soup (Rewarded Soup)")
     p.add_argument("--seed", type=int, default=0, help="image j uses noise seed SEED + j; LS draws use SEED")
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.weights is None and (args.kl_strength != 1.0 or args.method != "mpa"):
+        raise ValueError("--kl-strength and --method blend adapters: give --weights too (without it, the base model)")
     prompts = args.prompt or ["7"]
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
