@@ -128,6 +128,17 @@ def test_rank_layout_and_missing_keys_refused(bp, files, tmp_path):
         bp.load_adapter("bad", _edited(files, tmp_path, rename))
     assert "bad" not in bp.adapter_names
 
+    def kernel_1x1(sd):  # a conv LoRA whose A has another kernel than the base conv's 3x3
+        k = "unet.down_blocks.0.resnets.0.conv1.lora_A.weight"
+        sd[k] = sd[k][:, :, :1, :1].contiguous()
+
+    sd = load_file(str(files["other_layers"]))
+    kernel_1x1(sd)
+    save_file(sd, str(tmp_path / "k.safetensors"))
+    with pytest.raises(AdapterError, match=r"adapter 'bad'.*conv1: LoRA shapes \(4, 16, 1, 1\).*kernel \(3, 3\)"):
+        bp.load_adapter("bad", tmp_path / "k.safetensors")
+    assert "bad" not in bp.adapter_names
+
 
 def test_config_rank_that_differs_from_the_tensors_refused(bp, files, tmp_path):
     """Metadata r = 8 on rank-4 tensors: one line naming the adapter, not peft's size-mismatch dump."""

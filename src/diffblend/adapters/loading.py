@@ -167,10 +167,12 @@ def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str, c
                     f"{module}: LoRA maps {a.shape[1] if a.dim() > 1 else '?'} -> {b.shape[0]} features, "
                     f"the base Linear maps {base.in_features} -> {base.out_features}")
         elif isinstance(base, torch.nn.Conv2d):
-            if a.dim() != 4 or a.shape[1] != base.in_channels or b.shape[0] != base.out_channels:
+            # peft's Conv2d LoRA: A has the base kernel, B is 1x1
+            if (a.dim() != 4 or b.dim() != 4 or a.shape[1] != base.in_channels or b.shape[0] != base.out_channels
+                    or tuple(a.shape[2:]) != tuple(base.kernel_size) or tuple(b.shape[2:]) != (1, 1)):
                 problems.append(
                     f"{module}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base Conv2d "
-                    f"{base.in_channels} -> {base.out_channels}")
+                    f"{base.in_channels} -> {base.out_channels}, kernel {tuple(base.kernel_size)}")
         else:
             problems.append(f"{module}: the base layer is a {type(base).__name__}, not Linear or Conv2d")
         ranks[module] = int(a.shape[0])
