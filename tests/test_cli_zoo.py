@@ -196,3 +196,16 @@ def test_sweep_threads_option_is_applied(tmp_path, monkeypatch, capsys):
     assert seen == [3]  # 0 (the default): torch's own choice, untouched
     assert main(["sweep", "--threads", "-1", "--no-progress", "-o", out]) == 1
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_refuses_zero_steps_in_one_line(tmp_path, adapters, capsys):
+    rc = main(["demo", "--adapter", f"ta={adapters['ta']}", "--adapter", f"tb={adapters['tb']}", "--pair", "ta,tb",
+               "--steps", "0", "--no-progress", "-o", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_output_path_that_is_a_folder_is_one_line(tmp_path, capsys):
+    rc = main(["generate", "--num-images", "1", "--steps", "1", "--no-scores", "-o", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "%" not in ln]
+    assert rc == 1 and len(err) == 1 and err[0].startswith("diffblend generate: error:"), err

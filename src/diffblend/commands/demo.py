@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.columns < 2:
         raise ValueError(f"--columns must be >= 2, got {args.columns}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
