@@ -10,7 +10,10 @@ scale 7.5, so every step is a forward of 2B rows per model run), through ``core.
 method). Rows: base; one adapter; MPA batched and sequential; LS (batched routing); Rewarded Soup;
 for m = 2, 3, 4 rank-4 LoRA adapters on the attention projections (the paper's DPOK setting) with
 uniform w. All rows are timed round robin: one warm-up round, then ``--repeats`` rounds; the
-median per row is reported.
+median per row is reported. The Blender keeps one soup's merged weights (w changes between calls),
+so every timed soup loop includes one rebuild of them, as when w changes between images; a cost
+per batch, not per image (in benchmarks/results the soup rows are 1.11-1.14x the base at B = 1 and
+1.03-1.05x at B = 4).
 
 Paper anchor (SD 1.5, fp32, 50 steps, GPU): DB-MPA 2.03x, DB-MPA-LS 1.03x the base.
 """
