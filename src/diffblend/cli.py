@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``diffblend.commands.<name>`` and defines ``add_parser(subparsers)``
 (light: no heavy imports at module level) and ``run(args) -> int``. Errors a user can fix
-(``ValueError``, ``FileNotFoundError``, ``KeyError`` from a registry) print as one line, not a
+(``ValueError``, ``OSError`` such as a missing file or an output path that is a folder, ``KeyError``
+from a registry) print as one line, not a
 traceback; ``--debug`` shows the traceback.
 """
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffblend: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+    except (UserError, ValueError, OSError, KeyError, TypeError) as exc:  # OSError: a file / folder the user named
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
