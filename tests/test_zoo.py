@@ -69,6 +69,14 @@ def test_pipeline_call_shapes_outputs_and_cfg(tiny_pipe):
     assert rows == [1, 2]
 
 
+@pytest.mark.parametrize("kw, needle", [(dict(eta=1.5), "eta"), (dict(eta=-0.1), "eta"),
+                                         (dict(num_inference_steps=0), "num_inference_steps")])
+def test_pipeline_refuses_out_of_range_sampler_settings(tiny_pipe, kw, needle):
+    """eta > 1 gave NaN images (DDIM's variance term goes negative), 0 steps a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=needle):
+        tiny_pipe("7", output_type="pt", **{"num_inference_steps": 2, **kw})
+
+
 def test_callback_on_step_end_can_replace_latents(tiny_pipe):
     seen = []
 

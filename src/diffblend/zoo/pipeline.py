@@ -138,6 +138,10 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if not 0.0 <= float(eta) <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond it, NaN images
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
