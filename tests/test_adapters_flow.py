@@ -116,6 +116,25 @@ def test_sd3_pipeline_call_pattern_ls_routes_per_sample(sd3):
         model.enable_lora()
 
 
+def test_sd3_skip_layer_guidance_call_routes_by_sample(sd3):
+    """Under CFG, SD3's skip-layer guidance calls the transformer again on the n cond rows alone: row j
+    of that call is sample j (one group), as in the cond half of the step's 2n-row call."""
+    model = sd3.model
+    blend = sd3.make_blend({"a": 0.5, "b": 0.5}, kl_strength=0.9, method="ls", blend_seed=3)
+    for n in (1, 4):  # 4: draws [a, a, a, b] (two groups of 2 would give sample 3 the draw of sample 1)
+        x, cond, t = _sd3_inputs(n)
+
+        def call(rows):
+            return model(hidden_states=rows(x), timestep=rows(t), encoder_hidden_states=rows(
+                cond["encoder_hidden_states"]), pooled_projections=rows(cond["pooled_projections"]),
+                joint_attention_kwargs=None, return_dict=False)[0]
+
+        with torch.no_grad(), sd3.attached(blend):
+            full = call(lambda v: torch.cat([v, v]))  # [uncond; cond], uncond = cond here
+            skip = call(lambda v: v)
+        torch.testing.assert_close(skip, full[n:], atol=ATOL, rtol=0)
+
+
 def test_ls_with_flow_matching_ode_warns(sd3):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

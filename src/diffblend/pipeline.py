@@ -168,8 +168,21 @@ class BlendPipeline:
         had_own = "forward" in model.__dict__  # e.g. an accelerate offload hook's forward
         inner = model.forward
 
+        samples: list[int] = []
+
         def forward(*args: Any, **kwargs: Any) -> Any:
-            groups = 2 if getattr(self.pipe, "do_classifier_free_guidance", False) else 1
+            # G = rows / samples. The run's first call holds every sample, twice under CFG ([uncond;
+            # cond]); a later call may hold one group only (SD3's skip-layer guidance runs the cond
+            # rows again; pipelines that stop CFG after some steps), so G is not fixed by CFG alone.
+            cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
+            x = kwargs.get(self.blender._sample_arg, args[0] if args else None)
+            rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
+            if rows is None:
+                groups = 2 if cfg else 1
+            else:
+                if not samples:
+                    samples.append(rows // 2 if cfg and rows % 2 == 0 else rows)
+                groups = rows // samples[0] if rows % samples[0] == 0 else 1
             return self.blender.forward(inner, blend, groups, args, kwargs, mode)
 
         model.forward = forward
