@@ -492,3 +492,13 @@ def test_evaluate_adapters_applies_each_files_lora_alpha(tmp_path):
     assert res["plain"]["boldness"] != res["base"]["boldness"]
     assert res["scaled"]["boldness"] == pytest.approx(res["plain"]["boldness"], abs=1e-5)
     assert res["scaled"]["kl_path"] == pytest.approx(res["plain"]["kl_path"], rel=1e-3)
+
+
+def test_a_non_finite_reward_stops_the_run_before_it_corrupts_the_adapter(tmp_path):
+    def broken(images, prompts, metadata):
+        r, info = brightness(images, prompts, metadata)
+        return torch.where(torch.arange(len(r)) == 1, torch.full_like(r, float("nan")), r), info
+
+    with pytest.raises(ValueError, match=r"non-finite reward.*epoch 0"):
+        finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=broken, progress=False)
+    assert not (tmp_path / "adapter.safetensors").exists()

@@ -198,12 +198,16 @@ def finetune(
             for name, fn in monitors.items():
                 info = {**(info or {}), f"monitor/{name}": fn(ro.images, prompts, {"epoch": epoch})[0]}
         rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()  # every process checks all: all stop together
+        if not torch.isfinite(all_rewards).all():  # NaN advantages would turn every LoRA weight into NaN, silently
+            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+            raise ValueError(f"non-finite reward at epoch {epoch} (this process: rollouts {bad}, prompts "
+                             f"{[prompts[i] for i in bad]}); the reward {cfg.reward!r} or the model gave NaN / inf")
         adv = per_prompt_advantages(rewards, prompts).to(acc.device)
         # 3. policy updates on the stored transitions
         unet.train()
         stats = _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, train_gen, n_train, g_kw)
         # 4. log, checkpoint
-        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         row = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
                **{k: acc.gather(torch.tensor([v], device=acc.device)).mean().item() for k, v in stats.items()},
                "seconds": time.perf_counter() - t0}
