@@ -135,6 +135,28 @@ def test_sd3_skip_layer_guidance_call_routes_by_sample(sd3):
         torch.testing.assert_close(skip, full[n:], atol=ATOL, rtol=0)
 
 
+def test_perturbed_attention_guidance_rows_are_three_groups(sd3):
+    """PAG with CFG stacks [uncond; cond; perturbed]: row r is sample r % n, one LS draw per sample."""
+    model = sd3.model
+    blend = sd3.make_blend({"a": 0.5, "b": 0.5}, kl_strength=0.9, method="ls", blend_seed=3)
+    n = 4
+    x, cond, t = _sd3_inputs(n)
+    three = lambda v: torch.cat([v, v, v])  # noqa: E731  (identical groups: only routing matters)
+    sd3.pipe.do_perturbed_attention_guidance = True
+    try:
+        with torch.no_grad(), sd3.attached(blend):
+            out = model(hidden_states=three(x), timestep=three(t), encoder_hidden_states=three(
+                cond["encoder_hidden_states"]), pooled_projections=three(cond["pooled_projections"]),
+                return_dict=False)[0]
+    finally:
+        del sd3.pipe.do_perturbed_attention_guidance
+    torch.testing.assert_close(out[n:2 * n], out[:n], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[2 * n:], out[:n], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        alone = blend_denoiser(model, blend, groups=1)(x, t, cond)  # one group: the draws of samples 0..n-1
+    torch.testing.assert_close(out[:n], alone, atol=ATOL, rtol=0)
+
+
 def test_ls_with_flow_matching_ode_warns(sd3):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -171,17 +171,19 @@ class BlendPipeline:
         samples: list[int] = []
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            # G = rows / samples. The run's first call holds every sample, twice under CFG ([uncond;
-            # cond]); a later call may hold one group only (SD3's skip-layer guidance runs the cond
+            # G = rows / samples. The run's first call holds every sample G times ([uncond; cond] under
+            # CFG, [uncond; cond; perturbed] with PAG too); a later call may hold one group only (SD3's skip-layer guidance runs the cond
             # rows again; pipelines that stop CFG after some steps), so G is not fixed by CFG alone.
-            cfg = getattr(self.pipe, "do_classifier_free_guidance", False)
+            # G of a full call: 1, + 1 for CFG's uncond rows, + 1 for perturbed-attention guidance (PAG)
+            full = 1 + bool(getattr(self.pipe, "do_classifier_free_guidance", False)) + bool(
+                getattr(self.pipe, "do_perturbed_attention_guidance", False))
             x = kwargs.get(self.blender._sample_arg, args[0] if args else None)
             rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
             if rows is None:
-                groups = 2 if cfg else 1
+                groups = full
             else:
                 if not samples:
-                    samples.append(rows // 2 if cfg and rows % 2 == 0 else rows)
+                    samples.append(rows // full if rows % full == 0 else rows)
                 groups = rows // samples[0] if rows % samples[0] == 0 else 1
             return self.blender.forward(inner, blend, groups, args, kwargs, mode)
 
