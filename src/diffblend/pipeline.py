@@ -167,14 +167,12 @@ class BlendPipeline:
         model = self.model
         had_own = "forward" in model.__dict__  # e.g. an accelerate offload hook's forward
         inner = model.forward
-
-        samples: list[int] = []
+        samples: list[int] = []  # samples per full call, from the run's first call
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            # G = rows / samples. The run's first call holds every sample G times ([uncond; cond] under
-            # CFG, [uncond; cond; perturbed] with PAG too); a later call may hold one group only (SD3's skip-layer guidance runs the cond
-            # rows again; pipelines that stop CFG after some steps), so G is not fixed by CFG alone.
-            # G of a full call: 1, + 1 for CFG's uncond rows, + 1 for perturbed-attention guidance (PAG)
+            # G = rows / samples. The run's first call holds every sample `full` times ([uncond; cond]
+            # under CFG, [uncond; cond; perturbed] with PAG too); a later call may hold one group only
+            # (SD3's skip-layer guidance runs the cond rows again), so G is not fixed by CFG alone.
             full = 1 + bool(getattr(self.pipe, "do_classifier_free_guidance", False)) + bool(
                 getattr(self.pipe, "do_perturbed_attention_guidance", False))
             x = kwargs.get(self.blender._sample_arg, args[0] if args else None)
