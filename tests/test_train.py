@@ -502,3 +502,14 @@ def test_a_non_finite_reward_stops_the_run_before_it_corrupts_the_adapter(tmp_pa
     with pytest.raises(ValueError, match=r"non-finite reward.*epoch 0"):
         finetune(small_cfg(epochs=1), tmp_path, policy=tiny_policy(), reward_fn=broken, progress=False)
     assert not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_accelerate_gradient_accumulation_is_refused(tmp_path):
+    """accelerate's own accumulation (``accelerate launch --gradient_accumulation_steps``) is not what
+    the trainer does: it would only divide every loss by k. The trainer says so instead of ignoring it."""
+    from types import SimpleNamespace
+
+    acc = SimpleNamespace(gradient_accumulation_steps=4, is_main_process=True, device=torch.device("cpu"),
+                          process_index=0)
+    with pytest.raises(ValueError, match="minibatch_size"):
+        finetune(small_cfg(), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, accelerator=acc)

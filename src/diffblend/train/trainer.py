@@ -131,6 +131,10 @@ def finetune(
     ckpt_dir = run_dir / "checkpoints"
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
+    if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
+        raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
+                         f"by this trainer; set the trajectories per optimizer step with minibatch_size "
+                         f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
 
     start_epoch, state = 0, None
     if resume:
