@@ -119,6 +119,12 @@ def test_weighted_reward_is_the_weighted_sum_with_components():
     assert set(info["components"]) == {"jpeg_compressibility", "legibility"}
 
 
+def test_weighted_spec_refuses_factory_options():
+    """Options of a weighted spec have no reward to go to; they were dropped without a word."""
+    with pytest.raises(ValueError, match="options"):
+        get_reward("jpeg_compressibility=0.5,boldness=0.5", quality=10)
+
+
 def test_reward_folder_with_reward_json(tmp_path):
     from diffblend.zoo import weights_dir
 

@@ -167,6 +167,9 @@ def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) ->
     if not isinstance(name, str):
         raise ValueError(f"reward name must be a string, got {type(name).__name__}")
     if "=" in name or "," in name:
+        if options:
+            raise ValueError(f"reward {name!r} is a weighted sum: its rewards take no options here "
+                             f"(got {sorted(options)}); use weighted_reward(weights, options={{name: {{...}}}})")
         return weighted_reward(parse_reward_weights(name), device=device)
     try:
         key = canonical_name(name)
