@@ -209,3 +209,10 @@ def test_an_output_path_that_is_a_folder_is_one_line(tmp_path, capsys):
     rc = main(["generate", "--num-images", "1", "--steps", "1", "--no-scores", "-o", str(tmp_path)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "%" not in ln]
     assert rc == 1 and len(err) == 1 and err[0].startswith("diffblend generate: error:"), err
+
+
+def test_sweep_on_the_toy_defaults_to_its_pair_of_rewards(tmp_path, capsys):
+    # the help says --rewards defaults to the model's pair; the toy has one (it asked for jpeg_compressibility)
+    rc = main(["sweep", "--model", "toy", "--methods", "nope", "--no-progress", "-o", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "method must be one of" in err, err

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="append", default=[], metavar="R1=W1,R2=W2:PATH",
                    help="MORL oracle adapter for w (repeat)")
     p.add_argument("--rewards", default="",
-                   help="the pair of rewards of --weights, comma-separated (default model: the pair of its MORL oracles)")
+                   help="the pair of rewards of --weights, comma-separated (default model: the pair of its MORL oracles; "
+                        "toy: right,up)")
     p.add_argument("--score", default="", help="rewards to score every image with (default: all registered / the toy's)")
     p.add_argument("--methods", default="base,mpa,ls,soup,rgg,code,morl", help=f"comma-separated among {METHOD_HELP}")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1",
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
             from ..evaluate.pipelines import shipped_adapter_roles
 
             names = sorted({k for w, _ in shipped_adapter_roles()[1] for k in w})
+        elif not names and args.model == "toy":
+            names = ["right", "up"]  # the conflicting pair of ToyBackend.default
         if len(names) != 2:
             raise ValueError("--rewards must name the pair of rewards of --weights (e.g. "
                              "jpeg_compressibility,legibility), or give --weight-grid")
