@@ -157,3 +157,16 @@ def test_the_per_w_fraction_table_explains_its_blank_cells(tmp_path):
     table = text.split("### Fraction of the oracle's gain at each w")[1].split("###")[0]
     assert "| r_a=0, r_b=1 | n/a | n/a | n/a | n/a |" in table
     assert "n/a where" in table and "no oracle" in table
+
+
+def test_oracle_gain_base_and_oracle_means_do_not_depend_on_the_methods_asked_for():
+    # The base's and the oracle's R are over the images those two share, whichever method comes first
+    # (here DB-MPA lacks two images, or has none at w).
+    w = {A: 0.5, B: 0.5}
+    recs = [r for r in records() if not (r["method"] == "mpa" and r["seed"] < 2)]
+    recs = [dict(r, rewards={A: r["rewards"][A] + r["seed"] ** 2, B: r["rewards"][B]})
+            if r["method"] in ("base", "morl") else r for r in recs]
+    ref = oracle_gain(recs, ["soup"], w)
+    for methods in (["mpa", "soup"], ["mpa"], ["ls"]):
+        g = oracle_gain(recs, methods, w)
+        assert g["base"] == ref["base"] and g["morl"] == ref["morl"] and g["base"]["n"] == len(SEEDS)

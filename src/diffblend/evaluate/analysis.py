@@ -138,7 +138,8 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
 
     Uses only the (prompt, seed) images that the base, the oracle and the method all have
     (paired). Returns ``{method: {"R": mean r(w), "fraction": f, "lo": ..., "hi": ..., "n": ...}}``
-    plus entries for ``"base"`` and the oracle (their "R" only). The interval is a percentile
+    plus entries for ``"base"`` and the oracle (their "R" and "n", over the images the two share,
+    whatever the methods; absent when they share none). The interval is a percentile
     paired bootstrap over images; a bound is -inf / inf when too many resamples lose the oracle's
     gain. The fraction and its interval are NaN when the oracle does not beat the base; the interval
     is NaN for a single image.
@@ -147,6 +148,12 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
     base = select(recs, "base", None, any_lambda=True)
     orc = select(recs, oracle, weights, any_lambda=True)
     out: dict[str, dict] = {}
+    shared = sorted(set(base) & set(orc))  # the base's and the oracle's R: over the images they share
+    if shared:
+        out["base"] = {"R": float(np.mean([weighted_reward(base[k]["rewards"], weights) for k in shared])),
+                       "n": len(shared)}
+        out[oracle] = {"R": float(np.mean([weighted_reward(orc[k]["rewards"], weights) for k in shared])),
+                       "n": len(shared)}
     for m in methods:
         sel = select(recs, m, weights, lam, any_lambda=lam is None)
         keys = sorted(set(base) & set(orc) & set(sel))
@@ -169,8 +176,6 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
         lo, hi = ((_percentile(boots, 0.5 - level / 2), _percentile(boots, 0.5 + level / 2))
                   if np.isfinite(frac) and len(keys) > 1 else (math.nan, math.nan))  # 1 image: no spread
         out[m] = {"R": float(rm.mean()), "fraction": float(frac), "lo": float(lo), "hi": float(hi), "n": len(keys)}
-        out.setdefault("base", {"R": float(rb.mean()), "n": len(keys)})
-        out.setdefault(oracle, {"R": float(ro.mean()), "n": len(keys)})
     return out
 
 
