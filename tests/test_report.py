@@ -170,3 +170,8 @@ def test_oracle_gain_base_and_oracle_means_do_not_depend_on_the_methods_asked_fo
     for methods in (["mpa", "soup"], ["mpa"], ["ls"]):
         g = oracle_gain(recs, methods, w)
         assert g["base"] == ref["base"] and g["morl"] == ref["morl"] and g["base"]["n"] == len(SEEDS)
+
+
+def test_oracle_gain_without_resamples_gives_the_fraction_and_no_interval():
+    g = oracle_gain(records(), ["mpa"], {A: 0.5, B: 0.5}, n_boot=0)["mpa"]
+    assert g["fraction"] == pytest.approx(0.8) and math.isnan(g["lo"]) and math.isnan(g["hi"])

@@ -174,7 +174,7 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
         with np.errstate(divide="ignore", invalid="ignore"):
             boots = np.sort(np.where(gain > 0, num / gain, np.where(num >= 0, np.inf, -np.inf)))
         lo, hi = ((_percentile(boots, 0.5 - level / 2), _percentile(boots, 0.5 + level / 2))
-                  if np.isfinite(frac) and len(keys) > 1 else (math.nan, math.nan))  # 1 image: no spread
+                  if np.isfinite(frac) and len(keys) > 1 and n_boot > 0 else (math.nan, math.nan))  # 1 image: no spread
         out[m] = {"R": float(rm.mean()), "fraction": float(frac), "lo": float(lo), "hi": float(hi), "n": len(keys)}
     return out
 
