@@ -466,6 +466,13 @@ def test_block_routing_with_merged_weights(bp):
         with _compat.blocks(blender.layers, [(0, 1), (1, 2), (2, 3), (3, 4)], weights):
             routed = unet(x, 500, encoder_hidden_states=emb).sample
         assert not any("forward" in layer.get_base_layer().__dict__ for layer in blender.layers)  # unpatched
+        hooked = blender.layers[0].get_base_layer()
+        own = hooked.forward  # an instance forward already there (e.g. a hook's) is put back, not deleted
+        hooked.forward = own
+        with _compat.blocks(blender.layers, [(0, 1), (1, 2), (2, 3), (3, 4)], weights):
+            assert hooked.forward is not own
+        assert hooked.__dict__["forward"] is own
+        del hooked.forward
         for i, n in enumerate(names):
             _use(unet, n)
             torch.testing.assert_close(routed[i], unet(x[:1], 500, encoder_hidden_states=emb[:1]).sample[0],
@@ -504,3 +511,27 @@ def test_adapter_replaced_under_the_same_name_is_picked_up(bp, files):
         fresh = BlendPipeline(bp.pipe)(weights={"aes": 0.5, "txt": 0.5}, generator=torch.Generator().manual_seed(0),
                                        **kw).images
     torch.testing.assert_close(got, fresh, atol=1e-5, rtol=0)
+
+
+def test_accelerate_offload_hooks_run_unmerged_and_stay(files, tmp_path):
+    """Under accelerate's per-layer offload hooks (the weights live on the meta device and are loaded
+    at each layer's forward) the blend equals the one without hooks, in both modes, and the hooks
+    stay in place (merged weights cannot be built there: a meta-device error, hooks deleted)."""
+    from accelerate import cpu_offload
+
+    bp = BlendPipeline(tiny_sd(tmp_path), {n: files[n] for n in NAMES[:2]})
+    kw = dict(prompt=["a", "b"], num_inference_steps=2, height=16, width=16, output_type="latent",
+              guidance_scale=3.0, eta=1.0)
+
+    def run(**blend):
+        return bp(generator=torch.Generator().manual_seed(0), **kw, **blend).images
+
+    cases = [dict(weights={"aes": 0.5, "txt": 0.5}, mode="batched"), dict(weights={"aes": 0.5, "txt": 0.5},
+             mode="sequential"), dict(weights={"txt": 1.0}), dict(weights={"aes": 0.5, "txt": 0.5}, method="soup")]
+    refs = [run(**c) for c in cases]
+    cpu_offload(bp.model, execution_device=torch.device("cpu"))
+    base = bp.model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.get_base_layer()
+    assert base.weight.device.type == "meta" and "forward" in base.__dict__
+    for case, ref in zip(cases, refs):
+        torch.testing.assert_close(run(**case), ref, atol=ATOL, rtol=0)  # merged refs vs unmerged: ~1e-5
+    assert "forward" in base.__dict__  # the hook's forward is still there

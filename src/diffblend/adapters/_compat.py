@@ -310,10 +310,13 @@ def blocks(layers: Sequence[torch.nn.Module], spans: Sequence[tuple[int, int]],
             ws = [w[i] if w[i] is not None else base.weight for w in weights]
             if all(w is base.weight for w in ws):
                 continue
+            patched.append((base, base.__dict__.get("forward")))  # an instance forward (a hook) is kept
             base.forward = _block_forward(base, spans, ws)
-            patched.append(base)
         yield
     finally:
-        for base in patched:
-            del base.forward
+        for base, own in patched:
+            if own is None:
+                del base.forward
+            else:
+                base.forward = own
         state.restore()

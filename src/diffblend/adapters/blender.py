@@ -138,8 +138,12 @@ class Blender:
 
     def _can_merge(self, names) -> bool:
         """Merged weights are exact for values and for gradients w.r.t. the input (e.g. reward
-        guidance), but give no gradient to the LoRA factors: not when one of them is being trained."""
+        guidance), but give no gradient to the LoRA factors: not when one of them is being trained.
+        Nor under accelerate's per-layer offload hooks (``enable_sequential_cpu_offload``): they
+        load each layer's own weights at its forward (the stored weights are on the meta device)."""
         if not self.merge_cache or any(n in self._no_merge for n in names):
+            return False
+        if any(getattr(layer.get_base_layer(), "_hf_hook", None) is not None for layer in self.layers):
             return False
         if not torch.is_grad_enabled():
             return True
