@@ -216,3 +216,13 @@ def test_sweep_on_the_toy_defaults_to_its_pair_of_rewards(tmp_path, capsys):
     rc = main(["sweep", "--model", "toy", "--methods", "nope", "--no-progress", "-o", str(tmp_path / "r.jsonl")])
     err = capsys.readouterr().err
     assert rc == 1 and "method must be one of" in err, err
+
+
+def test_generate_with_a_prompt_legibility_cannot_score(tmp_path, capsys):
+    """The image is written and the rewards that apply are printed; legibility (which needs a digit in
+    the prompt) is reported as not applicable instead of failing the command after the image was made."""
+    out = tmp_path / "cat.png"
+    rc = main(["generate", "--prompt", "a cat", "--num-images", "1", "--steps", "2", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert "jpeg_compressibility" in text and "legibility n/a" in text, text

@@ -93,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_scores and args.model is None:
         from ..rewards import available_rewards
 
-        scores = score_images(images, batch, available_rewards())
-        print("mean rewards: " + ", ".join(f"{n} {float(s.mean()):.4f}" for n, s in scores.items()))
+        parts = []
+        for name in available_rewards():
+            try:
+                parts.append(f"{name} {float(score_images(images, batch, [name])[name].mean()):.4f}")
+            except ValueError:  # e.g. legibility of a prompt that names no digit
+                parts.append(f"{name} n/a")
+        print("mean rewards: " + ", ".join(parts))
     return 0
