@@ -175,3 +175,11 @@ def test_oracle_gain_base_and_oracle_means_do_not_depend_on_the_methods_asked_fo
 def test_oracle_gain_without_resamples_gives_the_fraction_and_no_interval():
     g = oracle_gain(records(), ["mpa"], {A: 0.5, B: 0.5}, n_boot=0)["mpa"]
     assert g["fraction"] == pytest.approx(0.8) and math.isnan(g["lo"]) and math.isnan(g["hi"])
+
+
+def test_a_confidence_level_outside_0_1_is_refused():
+    for bad in (95, 0.0, 1.0):
+        with pytest.raises(ValueError, match="level"):
+            mean_ci([1.0, 2.0, 3.0], level=bad)
+        with pytest.raises(ValueError, match="level"):
+            oracle_gain(records(), ["mpa"], {A: 0.5, B: 0.5}, level=bad)

@@ -43,6 +43,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     """(mean, half-width of the Student-t confidence interval at ``level``); half-width is NaN for n < 2."""
     from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
+    _check_level(level)
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return math.nan, math.nan
@@ -50,6 +51,11 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
         return float(x.mean()), math.nan
     half = student_t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean()), float(half)
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level (the confidence level) must be in (0, 1), e.g. 0.95; got {level}")
 
 
 def reward_names(records: Iterable[Mapping]) -> list[str]:
@@ -144,6 +150,7 @@ def oracle_gain(records: Iterable[Mapping], methods: Sequence[str], weights: Map
     gain. The fraction and its interval are NaN when the oracle does not beat the base; the interval
     is NaN for a single image.
     """
+    _check_level(level)
     recs = list(records)
     base = select(recs, "base", None, any_lambda=True)
     orc = select(recs, oracle, weights, any_lambda=True)
