@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="folder for config, metrics and checkpoints")
     p.add_argument("-o", "--output", default=None,
                    help="adapter file (.safetensors); default RUN_DIR/adapter.safetensors")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir (the same settings; --epochs may grow)")
     p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the embedded digits model)")
     p.add_argument("--prompts", default=None,
                    help="comma-separated prompts drawn for the rollouts (default: the digits 0,...,9)")

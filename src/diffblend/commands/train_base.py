@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default 1: on a busy machine more threads of these tiny ops spin "
                         "against other jobs and can be 10x slower; the shipped model used 2 on an idle machine)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint.pt (the same settings; --steps may grow)")
     p.add_argument("--classifier", action="store_true",
                    help="also train the legibility classifier into RUN_DIR/classifier (about 20 s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
