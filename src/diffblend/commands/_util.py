@@ -18,7 +18,8 @@ def check_device(text: str, arg: str = "--device") -> str:
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ValueError(f"{arg} {text!r}: no CUDA device is available to this torch build; use --device cpu")
+            raise ValueError(f"{arg} {text!r}: CUDA is not available here (no GPU, or a CPU-only torch build); "
+                             f"use --device cpu")
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"{arg} {text!r}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
