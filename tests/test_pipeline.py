@@ -177,6 +177,26 @@ def test_state_restored_after_an_exception_inside_the_model(sd, method, mode):
                                atol=0, rtol=0)
 
 
+def test_torch_compiled_denoiser_blends_as_the_plain_one(tmp_path):
+    """pipe.unet = torch.compile(pipe.unet): the blend binds the call by the model's own signature
+    (the compiled module's forward takes *args, **kwargs) and gives the plain module's numbers."""
+    plain = tiny_sd(tmp_path)
+    files = {n: save_random_lora(plain, tmp_path / n, seed=i + 1) for i, n in enumerate(NAMES[:2])}
+    compiled = tiny_sd(tmp_path)
+    compiled.unet = torch.compile(compiled.unet, backend="eager")
+    bps = [BlendPipeline(pipe, files) for pipe in (plain, compiled)]
+    kw = dict(prompt=["a", "b"], num_inference_steps=1, guidance_scale=4.0, eta=1.0, height=16, width=16,
+              output_type="latent", latents=_latents(0, 2))
+
+    def run(bp, **blend):
+        return bp(generator=torch.Generator().manual_seed(1), **kw, **blend).images
+
+    blend = dict(weights={"aes": 0.5, "txt": 0.5}, mode="batched", kl_strength=0.5)  # one case: dynamo is slow
+    got = run(bps[1], **blend)
+    torch.testing.assert_close(got, run(bps[0], **blend), atol=ATOL, rtol=0)
+    assert _differs(got, run(bps[0], weights={"aes": 1.0}))
+
+
 class _Spy:
     """Records the LS draws and the routed adapter names (wraps the real functions)."""
 

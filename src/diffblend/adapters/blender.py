@@ -102,7 +102,10 @@ class Blender:
         self.mode = mode
         self.merge_cache = merge_cache
         self._cache: dict = {}
-        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # drop self
+        # the model's own forward signature (a torch.compile'd model's forward takes *args, **kwargs)
+        core = getattr(model, "_orig_mod", model)
+        params = list(inspect.signature(type(core).forward).parameters.values())[1:]  # drop self
+        self._signature = inspect.Signature(params)
         self._sample_arg = params[0].name  # "sample" (UNet) or "hidden_states" (transformers)
         self._var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self.refresh()
@@ -201,7 +204,7 @@ class Blender:
             groups: G, how many stacked copies of the samples the batch holds (2 with CFG).
         """
         self.sync()
-        bound = inspect.signature(forward).bind(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
         call = dict(bound.arguments)
         if self._var_kw is not None:
             call.update(call.pop(self._var_kw, {}))
