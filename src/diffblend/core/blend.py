@@ -156,7 +156,7 @@ class Blend:
             values = [v / total for v in values]
         elif abs(total - 1.0) > 1e-6:
             raise ValueError(
-                f"weights must sum to 1 (got {total:.6g}); pass normalize=True (CLI: --normalize) to rescale them"
+                f"weights must sum to 1 (got {total:.6g}); pass normalize=True to rescale them (diffblend generate: --normalize)"
             )
         if method == "ls" and lam > 1 + 1e-12:
             raise ValueError(
