@@ -242,3 +242,9 @@ def test_ls_accepts_lambda_one_up_to_round_off_and_can_draw():
     b = Blend.create([0.5, 0.5, 0.0], NAMES, method="ls", kl_strength=lam)
     assert b.kl_strength == 1.0 and (b.coefficients() >= 0).all()
     assert b.choices(step=3, num_samples=8).shape == (8,)
+
+
+def test_weights_within_tolerance_are_renormalised_so_coefficients_sum_to_one():
+    b = Blend.create([0.3333333, 0.3333333, 0.3333333], NAMES, kl_strength=1.5)
+    assert abs(float(b.coefficients().sum()) - 1.0) < 1e-15  # an affine combination, not a shrunk one
+    assert abs(sum(b.weights) - 1.0) < 1e-15

@@ -152,12 +152,11 @@ class Blend:
         total = sum(values)
         if total <= 0:
             raise ValueError("weights must have a positive sum")
-        if normalize:
-            values = [v / total for v in values]
-        elif abs(total - 1.0) > 1e-6:
+        if not normalize and abs(total - 1.0) > 1e-6:
             raise ValueError(
                 f"weights must sum to 1 (got {total:.6g}); pass normalize=True to rescale them (diffblend generate: --normalize)"
             )
+        values = [v / total for v in values]  # also removes round-off (1/3 written as 0.3333333), so sum(c) = 1
         if method == "ls" and lam > 1 + 1e-12:
             raise ValueError(
                 f"method 'ls' needs non-negative coefficients, but kl_strength (lambda) = {lam} > 1 "
