@@ -263,3 +263,13 @@ def test_a_replaced_sample_is_the_one_scored():
         assert torch.equal(out.latents[i + 1], s.mean + 0.5 * s.std)
         assert torch.allclose(out.log_probs[i], gaussian_log_prob(out.latents[i + 1], s.mean, s.std))
     assert (out.log_probs[:3] != 0).all()  # stochastic steps, so the check above can fail
+
+
+def test_map_cond_maps_batched_tensors_and_passes_the_rest():
+    from diffblend.core import map_cond
+
+    cond = {"emb": torch.arange(6.0).reshape(3, 2), "extra": [torch.ones(3), torch.tensor(2.0)], "tag": "x"}
+    out = map_cond(cond, lambda t: t[torch.tensor([2, 0])])
+    assert torch.equal(out["emb"], torch.tensor([[4.0, 5.0], [0.0, 1.0]]))
+    assert torch.equal(out["extra"][0], torch.ones(2)) and out["extra"][1].item() == 2.0  # 0-d: untouched
+    assert out["tag"] == "x" and isinstance(out["extra"], list) and map_cond(None, lambda t: t) is None

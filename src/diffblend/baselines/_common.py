@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..core.sampling import map_cond
 
 # A differentiable score of images: (B, C, H, W) in [0, 1] -> (B,). The weighted reward
 # sum_i w_i r_i, bound to the prompts of the batch by the caller.
@@ -17,15 +19,9 @@ def repeat_cond(cond: Any, n: int) -> Any:
 
     Tensors, dicts/lists/tuples of tensors and None are supported; other objects pass through.
     """
-    if cond is None or n == 1:
+    if n == 1:
         return cond
-    if isinstance(cond, torch.Tensor):
-        return cond.repeat_interleave(n, 0) if cond.dim() else cond
-    if isinstance(cond, Mapping):
-        return {k: repeat_cond(v, n) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(repeat_cond(v, n) for v in cond)
-    return cond
+    return map_cond(cond, lambda t: t.repeat_interleave(n, 0))
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from .sampling import (
     SampleOutput,
     StepOutput,
     cat_cond,
+    map_cond,
     cfg_denoiser,
     ddim_step,
     ddpm_step,
@@ -19,6 +20,6 @@ from .sampling import (
 
 __all__ = [
     "BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
-    "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "cfg_denoiser", "ddim_step",
+    "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
 ]

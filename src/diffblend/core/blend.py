@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import map_cond
+
 BASE = "__base__"  # name of the base model in a blend, as in peft
 METHODS = ("mpa", "ls", "soup")
 
@@ -323,12 +325,4 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend, groups: int
 
 def _index_cond(cond, rows: torch.Tensor):
     """Select batch rows of a conditioning (tensor, dict/list of tensors, or None)."""
-    if cond is None:
-        return None
-    if isinstance(cond, torch.Tensor):
-        return cond[rows.to(cond.device)] if cond.dim() else cond
-    if isinstance(cond, Mapping):
-        return {k: _index_cond(v, rows) for k, v in cond.items()}
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(_index_cond(v, rows) for v in cond)
-    return cond
+    return map_cond(cond, lambda t: t[rows.to(t.device)])

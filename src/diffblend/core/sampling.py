@@ -32,6 +32,7 @@ __all__ = [
     "sample",
     "randn",
     "cat_cond",
+    "map_cond",
     "cfg_denoiser",
     "gaussian_log_prob",
 ]
@@ -270,6 +271,18 @@ def ddpm_step(
 
 
 # -- conditioning and guidance -----------------------------------------------------------------
+
+def map_cond(cond: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor with a batch dimension in a conditioning (a tensor, nested
+    dicts / lists / tuples of tensors, or None); 0-d tensors and other objects pass through."""
+    if isinstance(cond, torch.Tensor):
+        return fn(cond) if cond.dim() else cond
+    if isinstance(cond, Mapping):
+        return {k: map_cond(v, fn) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(map_cond(v, fn) for v in cond)
+    return cond
+
 
 def cat_cond(a: Any, b: Any) -> Any:
     """Concatenate two conditionings along the batch: tensors, dicts/lists of tensors, or None."""
