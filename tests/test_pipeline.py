@@ -372,3 +372,10 @@ def test_ls_sample_keys_make_each_image_independent_of_its_batch(sd):
                **kw).images
     # float32 kernels vary with the batch size: ~1e-5 seen on |x| ~ 3 (keyed on rows instead: 3e-2 seen)
     torch.testing.assert_close(alone[0], both[2], atol=1e-4, rtol=0)
+
+
+def test_eta_outside_unit_interval_is_refused(sd):
+    for eta in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            sd(prompt="a", weights={"aes": 1.0}, num_inference_steps=1, eta=eta, height=16, width=16,
+               output_type="latent")

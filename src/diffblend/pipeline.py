@@ -215,6 +215,9 @@ class BlendPipeline:
             the pipeline's own output.
         """
         self.blender.sync()  # adapters loaded, deleted or replaced through diffusers since
+        eta = _eta(self.pipe, pipe_kwargs)
+        if not 0.0 <= eta <= 1.0:  # diffusers' DDIM step takes any eta and returns NaN images above 1
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
                                 normalize=normalize, sample_keys=sample_keys)
         self.blender.check(blend, self.blender.resolve(blend, mode))
