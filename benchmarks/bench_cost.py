@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from diffblend._io import atomic_write_text
 from diffblend.adapters import blend_denoiser
 from diffblend.adapters.blender import Blender
 from diffblend.core.blend import Blend
@@ -147,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         record = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "rows": [{"method": r[0], "m": r[1], "s_per_image": r[2], "ratio": r[2] / base} for r in rows]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=1)
-        os.replace(tmp, args.out)  # atomic: a reader never sees half a file
+        atomic_write_text(args.out, json.dumps(record, indent=1))  # a reader never sees half a file
     return 0
 
 

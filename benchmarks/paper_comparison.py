@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from diffblend._io import atomic_write_text
 from diffblend.baselines.code import CoDeConfig
 from diffblend.baselines.rgg import RGGConfig
 from diffblend.evaluate import plots
@@ -147,9 +148,7 @@ def main(argv=None) -> int:
     if grid_png is not None:
         text += f"\n## Samples across w\n\nTwo prompts, seed 0, same noise along each row.\n\n![grid]({grid_png.name})\n"
     md = data / "README.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(text.rstrip() + "\n")
-    os.replace(tmp, md)
+    atomic_write_text(md, text.rstrip() + "\n")
     print(f"wrote {md} ({wall:.0f} s)")
     print(_headline(recs, pair, costs))
     return 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 from .core import BASE, Blend, NoiseSchedule, blend_denoisers, randn, sample
 from .core.toy import GaussianMixture, QuadraticReward, control, jensen_control
+from ._io import atomic_write, atomic_write_text
 
 __all__ = ["ToyConfig", "ToyProblem", "default_problem", "energy_distance", "sliced_energy_distance", "null_energy_distance", "jensen_table", "run_toybench",
            "format_table", "plot_toybench", "write_outputs"]
@@ -400,31 +400,13 @@ def plot_toybench(result: dict, path: str) -> None:
     ax.legend(fontsize=7)
     fig.suptitle("DB-MPA / DB-KLA samples (red) over exact target densities (blue)", fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
-
-
-def _atomic(path: str, write) -> None:
-    """Write through a temp file in the same folder, then os.replace (no half-written outputs)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_outputs(result: dict, output_dir: str) -> dict[str, str]:
     """Write ``toy.json`` (the record) then ``toy.png`` (from the record); returns their paths."""
     paths = {"json": os.path.join(output_dir, "toy.json"), "png": os.path.join(output_dir, "toy.png")}
-    _atomic(paths["json"], lambda f: f.write(json.dumps(result, indent=1).encode()))
+    atomic_write_text(paths["json"], json.dumps(result, indent=1))
     plot_toybench(result, paths["png"])
     return paths

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import kla_table, summarize
+from .._io import atomic_write
 
 __all__ = ["METHOD_STYLE", "plot_pareto", "plot_kla", "plot_image_grid"]
 
@@ -38,10 +39,8 @@ def _plt():
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                               bbox_inches="tight"))
     return path
 
 

@@ -25,6 +25,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .._io import atomic_write
+
 __all__ = ["REQUIRED", "setting_key", "record_key", "read_records", "RecordWriter", "write_records"]
 
 REQUIRED = ("method", "weights", "lambda", "prompt", "seed", "rewards", "seconds")
@@ -159,12 +161,11 @@ class RecordWriter:
 
 def write_records(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
     """Write a whole records file atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for rec in records:
-            f.write(_encode(rec))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            for rec in records:
+                f.write(_encode(rec))
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)

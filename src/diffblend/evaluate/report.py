@@ -19,6 +19,7 @@ import numpy as np
 from . import plots
 from .analysis import kla_table, method_fronts, oracle_gain, select, summarize, weight_grid_of, weighted_means
 from .records import read_records
+from .._io import atomic_write_text
 
 __all__ = ["build_report", "write_report", "METHOD_ORDER"]
 
@@ -195,7 +196,5 @@ def write_report(records_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     recs = read_records(records_path)
     text = build_report(recs, out_dir, title=title, root=records_path.parent, intro=intro)
     path = Path(out_dir) / name
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path

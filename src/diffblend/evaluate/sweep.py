@@ -22,6 +22,7 @@ import torch
 from ..core.blend import Blend
 from .methods import Backend, GenResult, MethodOptions, Setting, generate
 from .records import RecordWriter, read_records, record_key, setting_key, write_records
+from .._io import atomic_write
 
 __all__ = ["build_settings", "pair_grid", "shard_path", "done_keys", "merge_shards", "run_sweep", "SweepStats"]
 
@@ -138,9 +139,7 @@ def _save_png(images: torch.Tensor, path: Path) -> None:
 
     arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def run_sweep(

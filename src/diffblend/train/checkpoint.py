@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write
+
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "prune_checkpoints"]
 
 _NAME = re.compile(r"^epoch-(\d{6})\.pt$")
@@ -24,9 +26,7 @@ def save_checkpoint(folder: str | os.PathLike, epoch: int, state: dict[str, Any]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch-{epoch:06d}.pt"
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    torch.save({**state, "epoch": int(epoch)}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save({**state, "epoch": int(epoch)}, tmp))
     return path
 
 

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .._io import atomic_write_text
+
 __all__ = ["FinetuneConfig", "DIGIT_PROMPTS"]
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))  # the embedded default model's prompts
@@ -104,10 +106,7 @@ class FinetuneConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FinetuneConfig:

@@ -15,7 +15,6 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from .dpok import evaluate_transition, rollout, transition_kl
 from .lora import add_lora, base_model, load_lora_file, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
 from .trainer import sample_generators
+from .._io import atomic_write_text
 
 __all__ = ["evaluate_adapters", "main"]
 
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name.ljust(28) + "".join((f"{r[c]:.4f}" if c in r else "-").rjust(22) for c in cols))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "results": res}, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(args.output, json.dumps({"settings": dict(vars(args)), "results": res}, indent=2) + "\n")
     return 0
 
 

@@ -29,6 +29,7 @@ from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout,
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
 from .reward import RewardFn, resolve_reward
+from .._io import atomic_write_text
 
 __all__ = ["FinetuneResult", "finetune", "sample_generators"]
 
@@ -73,9 +74,7 @@ def _write_jsonl_prefix(path: Path, keep_epochs: int) -> None:
             continue
         if row.get("epoch", 0) < keep_epochs:
             kept.append(ln)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _flat_info(info: dict | None, prefix: str = "") -> dict:

@@ -96,7 +96,7 @@ def save_classifier(model: DigitClassifier, directory: str | os.PathLike, extra:
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomically, file by file)."""
     from safetensors.torch import save_file
 
-    from ._io import atomic_write, atomic_write_json
+    from .._io import atomic_write, atomic_write_json
 
     d = Path(directory)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -101,7 +101,7 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     methods = list(res.images)
     K, N = len(res.ws), len(res.prompts)

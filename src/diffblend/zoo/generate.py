@@ -165,7 +165,7 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(np.ascontiguousarray(arr))

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['a']} vs {r['b']}: pearson {r['pearson']:+.3f}  spearman {r['spearman']:+.3f}  "
               f"within-digit pearson {r['pearson_within']:+.3f}")
     if args.json:
-        from ._io import atomic_write_json
+        from .._io import atomic_write_json
 
         atomic_write_json(args.json, {k: res[k] for k in ("summary", "correlations")} | {"samples": n,
                           "per_digit": args.per_digit, "seed": args.seed, "weights": w})

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write, atomic_write_json
+from .._io import atomic_write, atomic_write_json
 from .data import TEMPLATES, load_split, prompt_for
 
 __all__ = ["TrainBaseConfig", "train_base", "sample_quality", "training_batch", "diffusion_loss"]
