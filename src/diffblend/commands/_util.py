@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from ..weights import parse_weights
 
-__all__ = ["parse_weights", "check_device"]
+__all__ = ["parse_weights", "check_device", "set_threads"]
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: ``torch.set_num_threads(n)`` for n >= 1 (None: leave torch's default)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def check_device(text: str, arg: str = "--device") -> str:

@@ -57,7 +57,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..zoo._threads import set_threads
+    from ._util import set_threads
 
     set_threads(args.threads)
     from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     if args.threads != 0:  # 0: leave torch's default
-        from ..zoo._threads import set_threads
+        from ._util import set_threads
 
         set_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

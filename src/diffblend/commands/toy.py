@@ -30,13 +30,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..toybench import ToyConfig, format_table, run_toybench, write_outputs
+    from ._util import set_threads
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     kwargs = dict(seed=args.seed, alpha=args.alpha)
     if args.quick:
         kwargs.update(num_samples=500, steps=50, w_grid=(0.0, 0.5, 1.0), lambda_grid=(0.0, 1.0, 2.0),

@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..zoo.train_base import TrainBaseConfig, train_base
-    from ..zoo._threads import set_threads
+    from ._util import set_threads
     from ._util import check_device
 
     set_threads(args.threads)
