@@ -248,8 +248,9 @@ def test_per_sample_routing_really_routes(bp):
             _use(unet, n)
             singles.append(unet(x[:1], 500, encoder_hidden_states=emb[:1]).sample[0])
         unet.enable_lora()
+    # batch 4 vs batch 1 runs other GEMM kernels (other summation order): float32 round-off, ~1e-5 here
     for i in range(4):
-        torch.testing.assert_close(routed[i], singles[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(routed[i], singles[i], atol=5e-5, rtol=1e-5)
     for i in range(4):  # every row got its own model: no two rows agree
         for j in range(i + 1, 4):
             assert (routed[i] - routed[j]).abs().max() > 1e-3, (names[i], names[j])
@@ -312,13 +313,14 @@ def test_zoo_pipeline_works_unchanged(tmp_path):
         return bp(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                   generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
 
-    # an untrained model's outputs reach |x| ~ 70 here: float32 round-off is relative (~1e-6 per op)
+    # an untrained model's outputs reach |x| ~ 70 here: float32 round-off is relative (~1e-6 per op), and two
+    # steps through a UNet amplify it (3.3e-4 at |x| ~ 7 was seen with another kernel's summation order)
     seq = run(weights={"a": 0.4, "b": 0.6})
-    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=1e-4)
     _use(pipe.unet, "b")
     plain = bp.pipe(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
-    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=1e-4)
     assert (seq - plain).abs().max() > 1e-2
 
 
