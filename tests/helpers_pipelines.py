@@ -35,7 +35,7 @@ def _bytes_to_unicode() -> list[str]:
 
 def _tokenizer():
     """A CLIPTokenizer over byte-level symbols only (no merges): one token per character."""
-    from transformers import CLIPTokenizer
+    from diffblend.zoo.text import clip_tokenizer
 
     chars = _bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(chars)}
@@ -43,7 +43,7 @@ def _tokenizer():
         vocab[c + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)  # 512
     vocab["<|endoftext|>"] = len(vocab)  # 513
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    return clip_tokenizer(vocab, [], model_max_length=16)
 
 
 def _text_encoder(with_projection: bool, seed: int):

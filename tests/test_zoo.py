@@ -236,3 +236,21 @@ def test_shipped_model_sample_quality():
 
     q = sample_quality(load_default_pipeline(), per_digit=10, seed=1)
     assert q["accuracy"] >= 0.85, q
+
+
+def test_shipped_tokenizer_files_tokenize_as_the_built_tokenizer():
+    """The shipped folder has tokenizer.json (transformers 5) and vocab.json / merges.txt (4.x's slow
+    CLIPTokenizer); whichever one loads, prompts get the ids the text encoder was trained on."""
+    from importlib import resources
+
+    from transformers import CLIPTokenizer
+
+    from diffblend.zoo.data import vocabulary_words
+    from diffblend.zoo.text import build_tokenizer
+
+    folder = str(resources.files("diffblend.zoo").joinpath("weights/base/tokenizer"))
+    shipped, built = CLIPTokenizer.from_pretrained(folder), build_tokenizer()
+    prompts = ["7", "a digit 7", "seven", "An  unknown prompt!"] + [" ".join(vocabulary_words()[:3])]
+    for p in prompts:
+        assert shipped(p).input_ids == built(p).input_ids, p
+    assert len(built("a digit 7").input_ids) == 5  # one token per known word, plus start and end

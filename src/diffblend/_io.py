@@ -11,8 +11,20 @@ from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then move the file onto ``path`` (readable by all, like a normal file)."""
+    """Call ``write(tmp_path)`` then move the file onto ``path`` (readable by all, like a normal file).
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (named in the message, not the temporary file).
+        NotADirectoryError: a parent of ``path`` is a file.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; give a file name (e.g. {str(path / 'out.png')!r})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -14,6 +14,8 @@ import importlib
 import importlib.util
 import sys
 
+from .versions import IncompatibleStack
+
 # In the order shown by --help. A module that is not there (yet) simply gives no command.
 COMMANDS = ("demo", "generate", "toy", "train_base", "finetune", "sweep", "report")
 
@@ -37,18 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show the library's warnings as one line each (``diffblend CMD: warning: ...``), not as source excerpts."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        print(f"diffblend {command}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not args.debug:
+        _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("diffblend: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError, KeyError, TypeError) as exc:  # OSError: a file / folder the user named
+    except (UserError, ValueError, OSError, KeyError, TypeError, IncompatibleStack) as exc:  # OSError: a file / folder
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -38,7 +38,7 @@ from .adapters.loading import AdapterError, load_adapter
 from .core.blend import Blend
 from .core.sampling import Denoiser
 
-__all__ = ["BlendPipeline", "blend_denoiser", "AdapterError"]
+__all__ = ["BlendPipeline", "blend_denoiser", "AdapterError", "check_call_kwargs"]
 
 
 def _eta(pipe: Any, call_kwargs: Mapping[str, Any]) -> float:
@@ -64,6 +64,45 @@ def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
     if str(getattr(config, "algorithm_type", "")).startswith("sde-"):  # DPM-Solver's SDE variants
         return True
     return bool(getattr(config, "stochastic_sampling", False))
+
+
+# Keywords diffusers' SD-family pipelines still read from **kwargs (deprecated, with a warning).
+_DEPRECATED_KWARGS = ("callback", "callback_steps")
+_OWN_KWARGS = ("weights", "kl_strength", "method", "blend_seed", "normalize", "sample_keys", "mode")
+
+
+def check_call_kwargs(pipe: Any, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keywords the pipeline does not declare (diffusers' ``**kwargs`` swallows misspellings), a
+    non-positive ``num_images_per_prompt`` and a guidance scale that is not a finite number >= 0.
+
+    Raises:
+        TypeError: an unknown keyword, named with the closest known one.
+        ValueError: a bad value, naming the argument.
+    """
+    import difflib
+
+    from .checks import check_count, check_guidance_scale
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):  # no signature to check against
+        params = None
+    if params is not None:
+        kinds = {p.kind for p in params.values()}
+        known = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if inspect.Parameter.VAR_KEYWORD in kinds:
+            known |= set(_DEPRECATED_KWARGS)
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known | set(_OWN_KWARGS)), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{type(pipe).__name__} got an unexpected keyword argument {key!r}{hint} "
+                                f"(BlendPipeline passes the pipeline's own arguments through and refuses others, "
+                                f"which diffusers would silently ignore)")
+    if kwargs.get("num_images_per_prompt") is not None:
+        check_count(kwargs["num_images_per_prompt"], "num_images_per_prompt")
+    if kwargs.get("guidance_scale") is not None:
+        check_guidance_scale(kwargs["guidance_scale"])
 
 
 def _pipeline_class(model: str | Path) -> Any:
@@ -215,6 +254,7 @@ class BlendPipeline:
             the pipeline's own output.
         """
         self.blender.sync()  # adapters loaded, deleted or replaced through diffusers since
+        check_call_kwargs(self.pipe, pipe_kwargs)
         eta = _eta(self.pipe, pipe_kwargs)
         if not 0.0 <= eta <= 1.0:  # diffusers' DDIM step takes any eta and returns NaN images above 1
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")

@@ -45,6 +45,9 @@ def _version(text: str) -> tuple[int, ...]:
 
 def check_versions() -> None:
     """Raise RuntimeError if the installed peft / diffusers lack what this module relies on."""
+    from ..versions import check_stack
+
+    check_stack()
     import diffusers
     import peft
     from peft.tuners.lora import LoraLayer

@@ -21,11 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every column)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="add a LoRA adapter of the default model (repeatable)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="let --adapter NAME=PATH replace a shipped adapter of the same name (refused otherwise)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these tiny models gain little from more, and on a busy "
                         "machine extra threads spin against other jobs, measured 20x slower)")
-    p.add_argument("-o", "--output", default="diffblend_demo.png", help="output PNG (default diffblend_demo.png)")
+    p.add_argument("-o", "--output", default="diffblend_demo.png", help="output figure; the extension picks the format: .png (default diffblend_demo.png), .jpg, .pdf, .svg")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -39,20 +41,23 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo.demo import blend_sweep, demo_figure, format_table, reward_names_for
     from ..zoo.generate import load_blend_pipeline, resolve_weight_names, shipped_adapters
     from ._util import check_device
-    from .generate import parse_adapters
+    from ..checks import check_count, check_guidance_scale, check_seed
+    from ..zoo.demo import figure_format
+    from .generate import merge_adapters, parse_adapters
 
     check_device(args.device)
-    if args.columns < 2:
-        raise ValueError(f"--columns must be >= 2, got {args.columns}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    check_count(args.columns, "--columns", 2)
+    check_count(args.steps, "--steps")
+    check_count(args.num_images, "--num-images")
+    check_seed(args.seed, args.num_images, "--seed")
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    figure_format(args.output, "-o")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
         raise ValueError(f"--methods must list some of {', '.join(METHODS)}; got {args.methods!r}")
-    bp = load_blend_pipeline(None, {**shipped_adapters(), **parse_adapters(args.adapter)}, device=args.device)
+    adapters = merge_adapters(shipped_adapters(), parse_adapters(args.adapter), args.replace_shipped)
+    bp = load_blend_pipeline(None, adapters, device=args.device)
     names = bp.adapter_names
     if args.pair is None:
         default = ("jpeg_compressibility", "legibility")

@@ -51,7 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks import check_guidance_scale, check_seed
     from ..train import DIGIT_PROMPTS, FinetuneConfig, finetune
+
+    check_seed(args.seed, 1, "--seed")
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
 
     prompts = DIGIT_PROMPTS if args.prompts is None else tuple(s.strip() for s in args.prompts.split(","))
     if any(not s for s in prompts):

@@ -29,6 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: embedded digits)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a LoRA adapter (repeatable); added to the shipped ones for the default model")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="let --adapter NAME=PATH replace a shipped adapter of the same name (refused otherwise)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle adapter files (.bin, .ckpt, .pt, .pth): loading one can run code, use only "
+                        "files you trust")
     p.add_argument("--oracles", action="store_true",
                    help="also load the shipped MORL oracle adapters (e.g. --weights morl_w0_5=1) for comparison")
     p.add_argument("--no-scores", action="store_true", help="do not print the rewards of the images")
@@ -39,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "machine extra threads spin against other jobs, measured 20x slower)")
     p.add_argument("--mode", choices=("auto", "batched", "sequential"), default="auto",
                    help="how MPA runs the adapters (default auto: batched on CUDA)")
-    p.add_argument("-o", "--output", default="diffblend.png", help="output PNG (default diffblend.png)")
+    p.add_argument("-o", "--output", default="diffblend.png",
+                   help="output image; the extension picks the format: .png (default diffblend.png), .jpg, .webp")
     p.set_defaults(func=run)
 
 
@@ -56,19 +62,31 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
+def merge_adapters(shipped: dict, extra: dict[str, str], replace: bool, flag: str = "--replace-shipped") -> dict:
+    """``shipped`` plus the user's ``extra`` adapters; a user adapter may replace a shipped one only with ``replace``."""
+    clash = sorted(set(shipped) & set(extra))
+    if clash and not replace:
+        raise ValueError(f"--adapter {clash[0]}=... would replace the shipped adapter {clash[0]!r}; choose another "
+                         f"name, or pass {flag} to replace it")
+    return {**shipped, **extra}
+
+
 def run(args: argparse.Namespace) -> int:
     from ._util import set_threads
 
     set_threads(args.threads)
     from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
         score_images, shipped_adapters
+    from ..checks import check_count, check_guidance_scale, check_seed
+    from ..zoo.generate import image_format
     from ._util import check_device, parse_weights
 
     check_device(args.device)
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_count(args.num_images, "--num-images")
+    check_count(args.steps, "--steps")
+    check_seed(args.seed, args.num_images * len(args.prompt or ["7"]), "--seed")
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    image_format(args.output, "-o")
     if not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.scale < 1:
@@ -78,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["7"]
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
-    adapters = {**(shipped_adapters(include_oracles=args.oracles) if args.model is None else {}), **extra}
-    bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode)
+    shipped = shipped_adapters(include_oracles=args.oracles) if args.model is None else {}
+    adapters = merge_adapters(shipped, extra, args.replace_shipped)
+    bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode, allow_pickle=args.allow_pickle)
     bp.pipe.set_progress_bar_config(disable=False, desc="generate", leave=False)
     if weights is not None:
         weights = resolve_weight_names(weights, bp.adapter_names)

@@ -102,6 +102,16 @@ def build_backend(args: argparse.Namespace):
                             device=args.device)
 
 
+# The options that change what an image is, besides its setting (method, w, lambda), prompt and seed.
+RUN_SETTINGS = ("model", "adapter", "oracle", "score", "steps", "guidance_scale", "eta", "code_candidates",
+                "code_block", "rgg_kl", "rgg_gamma", "rgg_norm", "rgg_non_differentiable")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The settings stored with every record (a rerun with other values is refused, see check_run_settings)."""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -111,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.sweep import build_settings, merge_shards, pair_grid, run_sweep
     from ._util import check_device
 
+    from ..checks import check_guidance_scale
+
     check_device(args.device)
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
     if args.threads != 0:  # 0: leave torch's default
         from ._util import set_threads
 
@@ -147,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     stats = run_sweep(backend, settings, prompts, list(range(args.seeds)), out, options=options,
                       batch_size=args.batch_size, images_dir=out.parent / "images" if args.save_images else None,
                       process_index=state.process_index, num_processes=state.num_processes,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, run_settings=run_settings(args))
     state.wait_for_everyone()
     if state.is_main_process:
         n = merge_shards(out) if state.num_processes > 1 else None

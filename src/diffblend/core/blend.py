@@ -22,6 +22,7 @@ DB-MPA-LS replaces the weighted sum by one model drawn per step and per sample w
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,8 +32,9 @@ from .sampling import map_cond
 
 BASE = "__base__"  # name of the base model in a blend, as in peft
 METHODS = ("mpa", "ls", "soup")
+KL_STRENGTH_WARN = 2.0  # the paper sweeps lambda in [0, 2]; far above, the extrapolation saturates images
 
-__all__ = ["BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key"]
+__all__ = ["BASE", "METHODS", "KL_STRENGTH_WARN", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key"]
 
 
 def _check_number(name: str, value: float) -> float:
@@ -108,6 +110,13 @@ class Blend:
         lam = _check_number("kl_strength (lambda)", kl_strength)
         if lam < 0:
             raise ValueError(f"kl_strength (lambda) must be >= 0, got {lam}")
+        if lam > KL_STRENGTH_WARN:
+            warnings.warn(f"kl_strength (lambda) = {lam:g} is above {KL_STRENGTH_WARN:g}, the range the paper sweeps "
+                          f"(0..2): the extrapolation (1 - lambda) eps_base + lambda eps_aligned amplifies the "
+                          f"adapters' change {lam:g}-fold and usually saturates the images", stacklevel=2)
+        if weights is None or isinstance(weights, (str, bytes)) or not isinstance(weights, (Mapping, Sequence)):
+            raise TypeError(f"weights must be a dict {{adapter name: w}} or a list of numbers (one per adapter), "
+                            f"got {type(weights).__name__} {weights!r}")
 
         if adapter_names is not None:
             adapter_names = tuple(str(n) for n in adapter_names)

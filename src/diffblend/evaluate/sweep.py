@@ -24,7 +24,8 @@ from .methods import Backend, GenResult, MethodOptions, Setting, generate
 from .records import RecordWriter, read_records, record_key, setting_key, write_records
 from .._io import atomic_write
 
-__all__ = ["build_settings", "pair_grid", "shard_path", "done_keys", "merge_shards", "run_sweep", "SweepStats"]
+__all__ = ["build_settings", "pair_grid", "shard_path", "done_keys", "merge_shards", "run_sweep", "SweepStats",
+           "check_run_settings"]
 
 BLEND_METHODS = ("mpa", "ls", "soup")  # recorded with lambda = 1
 WEIGHTED_METHODS = ("mpa", "ls", "soup", "rgg", "code", "morl")
@@ -119,6 +120,46 @@ def merge_shards(records_path: str | os.PathLike) -> int:
     return len(merged)
 
 
+def _canonical(settings: Mapping | None) -> dict | None:
+    """``settings`` as it reads back from JSON (tuples -> lists, keys -> str), for comparisons."""
+    import json
+
+    return None if settings is None else json.loads(json.dumps(dict(settings), default=str))
+
+
+def check_run_settings(records_path: str | os.PathLike, settings: Mapping | None) -> None:
+    """Refuse to add records made under ``settings`` to a file whose records were made under others.
+
+    Every record carries the settings of the run that made it (``"run"``: model, steps, guidance...;
+    not the grid, prompts or seeds, which a resumed sweep may extend). Records written before settings
+    were recorded cannot be checked: a warning says so.
+
+    Raises:
+        ValueError: naming the settings that differ, their recorded and new values, and the way out.
+    """
+    import warnings
+
+    if settings is None:
+        return
+    new = _canonical(settings)
+    records_path = Path(records_path)
+    legacy = 0
+    for src in [records_path, *_shards(records_path)]:
+        for rec in read_records(src, missing_ok=True):
+            old = rec.get("run")
+            if old is None:
+                legacy += 1
+                continue
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                shown = ", ".join(f"{k}: {old.get(k)!r} recorded, {new.get(k)!r} now" for k in diff)
+                raise ValueError(f"{src} holds records made with other settings ({shown}); rerun with the same "
+                                 f"settings to resume, or write to another records file (-o) - nothing is overwritten")
+    if legacy:
+        warnings.warn(f"{records_path}: {legacy} record(s) predate recorded settings; cannot check that they were "
+                      f"made with the same settings as this run", stacklevel=2)
+
+
 @dataclass
 class SweepStats:
     """What one process did: images generated now, skipped as already recorded, settings seen."""
@@ -157,6 +198,7 @@ def run_sweep(
     progress: bool = True,
     warmup: bool = True,
     on_batch: Callable[[Setting, list[dict]], None] | None = None,
+    run_settings: Mapping | None = None,
 ) -> SweepStats:
     """Run (this process's share of) a sweep, appending one record per image.
 
@@ -173,6 +215,10 @@ def run_sweep(
         process_index, num_processes: this process takes settings[process_index::num_processes].
         warmup: run one untimed, unrecorded image first so one-off costs do not land on a method.
         on_batch: called after each batch's records are written (tests use it to simulate a kill).
+        run_settings: the settings that make an image what it is besides its setting, prompt and seed
+            (model, adapters, steps, guidance, eta, method options, scored rewards; JSON-able). Stored in
+            every record as ``"run"``; a file with records made under other settings is refused
+            (:func:`check_run_settings`).
     """
     from tqdm.auto import tqdm
 
@@ -186,6 +232,8 @@ def run_sweep(
         # Shards of a parallel run killed before its merge: their records count as done below, so
         # fold them into the records file now (no other process writes them), or they would be lost.
         merge_shards(records_path)
+    check_run_settings(records_path, run_settings)
+    run_settings = _canonical(run_settings)
     done = done_keys(records_path)
     mine = list(settings)[process_index::num_processes]
     # dict.fromkeys: a prompt or seed listed twice is one image (one record), not a duplicate.
@@ -219,6 +267,8 @@ def run_sweep(
                 rec = {"method": st.method, "weights": st.weights_dict, "lambda": st.lam, "prompt": p, "seed": s,
                        "rewards": {k: float(v[j]) for k, v in scores.items()},
                        "seconds": seconds, "nfe": float(res.nfe)}
+                if run_settings is not None:
+                    rec["run"] = run_settings
                 if images_dir is not None and images is not None:
                     name = _image_name(record_key(rec))
                     _save_png(images[j], images_dir / name)

@@ -135,10 +135,15 @@ def finetune(
                          f"by this trainer; set the trajectories per optimizer step with minibatch_size "
                          f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run dir {str(run_dir)!r} is a file, not a folder; choose a folder for the run")
     start_epoch, state = 0, None
     if resume:
         last = latest_checkpoint(ckpt_dir)
-        if last is not None:
+        if last is None:
+            raise ValueError(f"--resume: run dir {str(run_dir)!r} has no checkpoint to continue from; "
+                             f"drop --resume to start a new run there")
+        else:
             state = load_checkpoint(last)
             saved = dict(state["config"])
             saved["epochs"] = cfg.epochs

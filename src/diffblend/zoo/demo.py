@@ -94,8 +94,21 @@ def format_table(res: DemoResult) -> str:
     return "\n".join(lines)
 
 
+FIGURE_FORMATS = ("png", "jpg", "jpeg", "webp", "pdf", "svg")
+
+
+def figure_format(path: str | Path, arg: str = "-o") -> str:
+    """The matplotlib format that ``path``'s extension names, else a ValueError naming ``arg``."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"{arg} {str(path)!r}: the extension must name a figure format, one of "
+                         f"{', '.join('.' + f for f in FIGURE_FORMATS)}")
+    return fmt
+
+
 def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
-    """A PNG: one panel per method, columns from pure r1 to pure r2, titles with the mean rewards."""
+    """The figure (PNG, or the format the extension names): one panel per method, columns from pure r1
+    to pure r2, titles with the mean rewards."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +138,7 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
         ax.set_xlabel(f"{title}: {res.pair[0]} (w=0) -> {res.pair[1]} (w=1)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    fmt = figure_format(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
     plt.close(fig)
     return path

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 __all__ = ["shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_weight_names", "generate",
-           "score_images", "image_grid", "save_png"]
+           "score_images", "image_grid", "save_png", "image_format"]
 
 
 def shipped_adapters(include_oracles: bool = False) -> dict[str, Path]:
@@ -75,7 +75,7 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") 
 
 
 def load_blend_pipeline(model: str | None = None, adapters: Mapping[str, str | Path] | None = None,
-                        device: str | torch.device = "cpu", mode: str = "auto") -> Any:
+                        device: str | torch.device = "cpu", mode: str = "auto", allow_pickle: bool = False) -> Any:
     """A :class:`~diffblend.pipeline.BlendPipeline` over :func:`load_pipeline` with ``adapters``.
 
     With ``model=None`` and no ``adapters``, the shipped adapters of the default model are loaded.
@@ -85,7 +85,7 @@ def load_blend_pipeline(model: str | None = None, adapters: Mapping[str, str | P
     pipe = load_pipeline(model, device)
     if adapters is None:
         adapters = shipped_adapters() if model is None else {}
-    return BlendPipeline(pipe, adapters=dict(adapters), mode=mode)
+    return BlendPipeline(pipe, adapters=dict(adapters), mode=mode, allow_pickle=allow_pickle)
 
 
 def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[str],
@@ -160,15 +160,34 @@ def image_grid(images: torch.Tensor, ncols: int, scale: int = 4, pad: int = 1) -
     return grid
 
 
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write a (C, H, W) image in [0, 1] as a PNG, atomically."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def image_format(path: str | Path, arg: str = "-o") -> str:
+    """The PIL format that ``path``'s extension names (``.png``, ``.jpg``, ...), else a ValueError naming ``arg``."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{arg} {str(path)!r}: the extension must name an image format, one of "
+                         f"{', '.join(IMAGE_FORMATS)} (PNG is lossless)")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_png(image: torch.Tensor, path: str | Path, arg: str = "-o") -> Path:
+    """Write a (C, H, W) image in [0, 1] atomically, in the format its extension names (PNG, JPEG, ...).
+
+    Raises:
+        ValueError: an extension that names no image format (the message names ``arg``).
+    """
     import numpy as np
     from PIL import Image
 
     from .._io import atomic_write
 
+    fmt = image_format(path, arg)
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(np.ascontiguousarray(arr))
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     path = Path(path)
-    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format=fmt, **options))
     return path

@@ -8,6 +8,8 @@ known prompts tokenize to one token per word and any other text still tokenizes 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .data import vocabulary_words
@@ -15,7 +17,8 @@ from .data import vocabulary_words
 MAX_LENGTH = 12  # tokens per prompt incl. <|startoftext|> / <|endoftext|>; templates use <= 5
 HIDDEN = 32  # text embedding width = the UNet's cross_attention_dim
 
-__all__ = ["MAX_LENGTH", "HIDDEN", "build_tokenizer", "build_text_encoder", "text_encoder_config"]
+__all__ = ["MAX_LENGTH", "HIDDEN", "build_tokenizer", "build_text_encoder", "text_encoder_config", "clip_tokenizer",
+           "write_vocab_files"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -54,12 +57,36 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer() -> Any:
-    """A ``transformers.CLIPTokenizer`` over the small vocabulary, ``model_max_length`` = MAX_LENGTH."""
+def write_vocab_files(folder: str | Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """``vocab.json`` and ``merges.txt`` in CLIP's layout (what transformers 4.x's CLIPTokenizer reads)."""
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_max_length: int) -> Any:
+    """A ``transformers.CLIPTokenizer`` over ``vocab`` / ``merges`` on transformers 4.x and 5.x alike.
+
+    5.x builds it from the objects; 4.x's (slow) CLIPTokenizer only reads ``vocab.json`` / ``merges.txt``
+    files, so they are written to a temporary folder first (it keeps the vocabulary in memory).
+    """
+    import inspect
+    import tempfile
+
     from transformers import CLIPTokenizer
 
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_vocab_files(tmp, vocab, merges)
+        return CLIPTokenizer(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt",
+                             model_max_length=model_max_length)
+
+
+def build_tokenizer() -> Any:
+    """A ``transformers.CLIPTokenizer`` over the small vocabulary, ``model_max_length`` = MAX_LENGTH."""
     vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return clip_tokenizer(vocab, merges, MAX_LENGTH)
 
 
 def text_encoder_config(vocab_size: int) -> dict:
