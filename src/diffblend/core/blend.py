@@ -32,7 +32,8 @@ from .sampling import map_cond
 
 BASE = "__base__"  # name of the base model in a blend, as in peft
 METHODS = ("mpa", "ls", "soup")
-LS_DRAWS = ("iid", "stratified")  # how DB-MPA-LS draws a sample's models over the steps
+LS_DRAWS = ("iid", "stratified", "golden")  # how DB-MPA-LS draws a sample's models over the steps
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # the golden-ratio rotation of the "golden" sequences
 
 __all__ = ["BASE", "LS_DRAWS", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
            "stratified_choices"]
@@ -64,11 +65,13 @@ class Blend:
         sample_keys: optional per-sample integers (e.g. each image's noise seed) that key the LS
             draws instead of the sample's row in the batch, so an image draws the same adapters
             whatever batch it is generated in (a resumed sweep reproduces it).
-        ls_draws: ``"iid"`` (the paper's: independent draws at every step) or ``"stratified"``
-            (each sample's draws over the run have counts within 1 of T * c_k; every step's draw
-            is still Categorical(c), see :func:`stratified_choices`).
+        ls_draws: ``"iid"`` (the paper's: independent draws at every step), ``"stratified"``
+            (each sample's draws over the run have counts within 1 of T * c_k, in a random order)
+            or ``"golden"`` (a randomly rotated golden-ratio sequence: counts close to T * c_k in
+            every window of steps, not only over the run); with both every step's draw is still
+            Categorical(c), see :func:`stratified_choices`.
         timesteps: the run's step grid as :func:`step_key` values (distinct, in sampling order);
-            stratified draws need it (:meth:`on_grid`), iid draws ignore it.
+            stratified and golden draws need it (:meth:`on_grid`), iid draws ignore it.
     """
 
     names: tuple[str, ...]
@@ -105,7 +108,7 @@ class Blend:
             seed: integer seed for the LS draws.
             normalize: divide w by its sum instead of requiring sum(w) = 1.
             sample_keys: per-sample integer keys of the LS draws (see the class docstring).
-            ls_draws: ``"iid"`` or ``"stratified"`` (method "ls" only).
+            ls_draws: ``"iid"``, ``"stratified"`` or ``"golden"`` (method "ls" only).
             timesteps: the run's timesteps (any spacing); stratified draws need them, here or
                 later through :meth:`on_grid` (BlendPipeline reads them from its scheduler).
 
@@ -232,15 +235,15 @@ class Blend:
         if self.ls_draws == "iid":
             return ls_choices(self.coefficients(), self.seed, step, num_samples, sample_keys=self.sample_keys)
         if self.timesteps is None:
-            raise ValueError("ls_draws='stratified' needs the run's step grid: Blend.create(..., timesteps=ts) "
-                             "or blend.on_grid(ts)")
+            raise ValueError(f"ls_draws={self.ls_draws!r} needs the run's step grid: Blend.create(..., "
+                             f"timesteps=ts) or blend.on_grid(ts)")
         try:
             index = self.timesteps.index(int(step))
         except ValueError:
             raise ValueError(f"step key {step} is not on the blend's step grid {list(self.timesteps)[:6]}...: "
                              f"give the timesteps the sampler runs") from None
         return stratified_choices(self.coefficients(), self.seed, index, len(self.timesteps), num_samples,
-                                  sample_keys=self.sample_keys)
+                                  sample_keys=self.sample_keys, kind=self.ls_draws)
 
 
 def combine(preds: torch.Tensor | Sequence[torch.Tensor], coeffs: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -307,16 +310,21 @@ def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int,
 
 
 def stratified_choices(coeffs: torch.Tensor, seed: int, index: int, num_steps: int, num_samples: int,
-                       sample_keys: Sequence[int] | None = None) -> torch.Tensor:
+                       sample_keys: Sequence[int] | None = None, kind: str = "stratified") -> torch.Tensor:
     """Stratified DB-MPA-LS draws: the models run by each sample at step ``index`` of ``num_steps``.
 
-    Each sample's whole sequence is a random permutation of a systematic allocation: T = num_steps
-    points (u0 + j) / T, u0 ~ U(0, 1), through the inverse CDF of c, give every model k a count
-    within 1 of T c_k with expectation exactly T c_k; a uniform random order of the T draws then
-    makes step i's draw Categorical(c) for every i (P(k) = E[count_k] / T = c_k), which is all
-    Prop. 2 uses, while the sample's mix of models over its run has far less variance than with
-    independent draws. Steps of one sample are dependent (the counts are fixed), so the law of
-    the final sample may move by O(1/T) from iid's.
+    A sample's draws over its T = num_steps steps are the inverse CDF of c at T points in [0, 1):
+
+    * ``"stratified"``: the systematic points (u0 + j) / T, u0 ~ U(0, 1), in a uniformly random
+      order. Model k gets a count within 1 of T c_k, with expectation exactly T c_k, and step i's
+      draw is Categorical(c) for every i (P(k) = E[count_k] / T = c_k).
+    * ``"golden"``: the points frac(u0 + i g), g = (sqrt(5) - 1) / 2, at step i. frac(u0 + i g) is
+      U(0, 1) for each i, so step i's draw is Categorical(c); the golden-ratio rotation spreads
+      every model's steps evenly over the run (any window of steps holds about its share).
+
+    Either way each step's marginal draw is what Prop. 2 uses, while the sample's mix of models
+    over its run has far less variance than with independent draws. Steps of one sample are
+    dependent, so the law of the final sample may move by O(1/T) from iid's.
 
     Keyed like :func:`ls_choices`: on (seed, T, row j), or (seed, T, sample_keys[j]).
 
@@ -331,13 +339,15 @@ def stratified_choices(coeffs: torch.Tensor, seed: int, index: int, num_steps: i
     c = torch.as_tensor(coeffs, dtype=torch.float64).cpu()
     if (c < 0).any():
         raise ValueError("stratified_choices needs non-negative coefficients (lambda <= 1); use MPA")
-    plan = _stratified_plan(tuple(c.tolist()), int(seed), int(num_steps), int(num_samples), keys)
+    if kind not in LS_DRAWS[1:]:
+        raise ValueError(f"kind must be one of {LS_DRAWS[1:]}, got {kind!r}")
+    plan = _stratified_plan(tuple(c.tolist()), int(seed), int(num_steps), int(num_samples), keys, kind)
     return plan[:, index].clone()
 
 
 @functools.lru_cache(maxsize=16)
 def _stratified_plan(coeffs: tuple[float, ...], seed: int, T: int, B: int,
-                     keys: tuple[int, ...] | None) -> torch.Tensor:
+                     keys: tuple[int, ...] | None, kind: str) -> torch.Tensor:
     """(B, T) model index of every sample at every step (cached: one plan serves the T calls of a run)."""
     tag = 0x5752  # separates these streams from the iid draws'
     if keys is None:  # row j reads the j-th block of one stream: independent of the batch size
@@ -345,12 +355,17 @@ def _stratified_plan(coeffs: tuple[float, ...], seed: int, T: int, B: int,
     else:
         u = torch.stack([torch.rand(T + 1, generator=torch.Generator().manual_seed(_mix(seed, tag, T, k)),
                                     dtype=torch.float64) for k in keys]) if B else torch.zeros(0, T + 1)
-    points = (u[:, :1] + torch.arange(T, dtype=torch.float64)) / T  # (B, T) systematic, ascending
+    steps = torch.arange(T, dtype=torch.float64)
+    if kind == "golden":
+        points = (u[:, :1] + _GOLDEN * steps) % 1.0  # (B, T), step i's point is U(0, 1)
+    else:
+        points = (u[:, :1] + steps) / T  # (B, T) systematic, ascending; permuted below
     cdf = torch.cumsum(torch.tensor(coeffs, dtype=torch.float64), 0)
     cdf = cdf / cdf[-1]
     alloc = torch.searchsorted(cdf, points.contiguous(), right=True).clamp_(max=len(coeffs) - 1)
-    order = u[:, 1:].argsort(1)  # a uniform random permutation per sample
-    return alloc.gather(1, order)
+    if kind == "golden":
+        return alloc
+    return alloc.gather(1, u[:, 1:].argsort(1))  # a uniform random permutation per sample
 
 
 def _mix(*ints: int) -> int:
