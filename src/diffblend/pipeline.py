@@ -35,7 +35,7 @@ import torch
 from .adapters.blender import Blender, resolve_mode
 from .adapters.denoiser import blend_denoiser
 from .adapters.loading import AdapterError, load_adapter
-from .core.blend import Blend
+from .core.blend import Blend, step_key
 from .core.sampling import Denoiser
 
 __all__ = ["BlendPipeline", "blend_denoiser", "AdapterError", "check_call_kwargs"]
@@ -117,6 +117,26 @@ def _pipeline_class(model: str | Path) -> Any:
     return DiffusionPipeline
 
 
+def _on_scheduler_grid(blend: Blend | None, pipe: Any, first_t: Any) -> Blend | None:
+    """A stratified LS blend on the step grid of the pipeline's scheduler (set for this run).
+
+    The model sees the scheduler's timesteps, or them / 1000 (flow-matching transformers such as
+    Flux): the scale is the one whose grid holds the first call's timestep."""
+    if blend is None or blend.ls_draws == "iid" or blend.timesteps is not None:
+        return blend
+    ts = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    if ts is None:
+        raise ValueError(f"ls_draws={blend.ls_draws!r} needs the step grid, but the pipeline's scheduler has "
+                         f"no timesteps")
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    first = step_key(first_t) if first_t is not None else None
+    for grid in (ts, ts / 1000):
+        on = blend.on_grid(grid)
+        if first is None or first in on.timesteps:
+            return on
+    raise ValueError(f"ls_draws={blend.ls_draws!r}: the model's timestep {first_t} is not on the scheduler's grid")
+
+
 class BlendPipeline:
     """A diffusers pipeline whose denoiser blends named LoRA adapters at inference time.
 
@@ -188,12 +208,12 @@ class BlendPipeline:
     # -- blending ------------------------------------------------------------------------------
     def make_blend(self, weights: Mapping[str, float] | Sequence[float] | None, *, kl_strength: float = 1.0,
                    method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
-                   sample_keys: Sequence[int] | None = None) -> Blend | None:
+                   sample_keys: Sequence[int] | None = None, ls_draws: str = "iid") -> Blend | None:
         """Validate a blend over this pipeline's adapters (None weights: the base model)."""
         if weights is None:
             return None
         return Blend.create(weights, self.adapter_names, kl_strength=kl_strength, method=method, seed=blend_seed,
-                            normalize=normalize, sample_keys=sample_keys)
+                            normalize=normalize, sample_keys=sample_keys, ls_draws=ls_draws)
 
     def denoiser(self, blend: Blend | None, **kwargs: Any) -> Denoiser:
         """:func:`blend_denoiser` over this pipeline's denoiser (for ``core.sample``)."""
@@ -207,6 +227,7 @@ class BlendPipeline:
         had_own = "forward" in model.__dict__  # e.g. an accelerate offload hook's forward
         inner = model.forward
         samples: list[int] = []  # samples per full call, from the run's first call
+        run_blend: list[Blend | None] = []  # the blend on the run's step grid (stratified LS draws need it)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             # G = rows / samples. The run's first call holds every sample `full` times ([uncond; cond]
@@ -222,7 +243,10 @@ class BlendPipeline:
                 if not samples:
                     samples.append(rows // full if rows % full == 0 else rows)
                 groups = rows // samples[0] if rows % samples[0] == 0 else 1
-            return self.blender.forward(inner, blend, groups, args, kwargs, mode)
+            if not run_blend:  # the scheduler's timesteps are set by now (the pipeline's loop runs)
+                t = self.blender._signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+                run_blend.append(_on_scheduler_grid(blend, self.pipe, t))
+            return self.blender.forward(inner, run_blend[0], groups, args, kwargs, mode)
 
         model.forward = forward
         try:
@@ -235,7 +259,8 @@ class BlendPipeline:
 
     def __call__(self, *args: Any, weights: Mapping[str, float] | Sequence[float] | None = None,
                  kl_strength: float = 1.0, method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
-                 sample_keys: Sequence[int] | None = None, mode: str | None = None, **pipe_kwargs: Any) -> Any:
+                 sample_keys: Sequence[int] | None = None, ls_draws: str = "iid", mode: str | None = None,
+                 **pipe_kwargs: Any) -> Any:
         """Run the pipeline with its usual arguments, blending the adapters with w = ``weights``.
 
         Args:
@@ -246,6 +271,9 @@ class BlendPipeline:
             blend_seed: seed of the LS draws (per sample and step; the pipeline's generator is untouched).
             sample_keys: one integer per image (e.g. the seed of its generator) that keys its LS draws
                 instead of its row in the batch, so an image draws the same adapters in any batch.
+            ls_draws: "iid" (the paper's), "stratified" or "golden" (method "ls": every step's draw
+                has the same law, each image's mix of adapters far less spread; the step grid is
+                read from the pipeline's scheduler).
             mode: override the execution mode for this call.
             **pipe_kwargs: the pipeline's own arguments (prompt, num_inference_steps, guidance_scale,
                 eta, generator, latents, output_type, callback_on_step_end, ...).
@@ -259,7 +287,7 @@ class BlendPipeline:
         if not 0.0 <= eta <= 1.0:  # diffusers' DDIM step takes any eta and returns NaN images above 1
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
-                                normalize=normalize, sample_keys=sample_keys)
+                                normalize=normalize, sample_keys=sample_keys, ls_draws=ls_draws)
         self.blender.check(blend, self.blender.resolve(blend, mode))
         if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe, pipe_kwargs):
             warnings.warn(

@@ -240,8 +240,11 @@ class Blender:
                 return forward(**call)
         names = blend.model_names
         if blend.method == "ls":
-            draw = ls_choices(blend.coefficients(), blend.seed, step_key(call.get("timestep", 0)), B // groups,
-                              sample_keys=blend.sample_keys)
+            step = step_key(call.get("timestep", 0))
+            if blend.ls_draws == "iid":  # the paper's draws
+                draw = ls_choices(blend.coefficients(), blend.seed, step, B // groups, sample_keys=blend.sample_keys)
+            else:  # stratified over the run's step grid (Blend.on_grid)
+                draw = blend.choices(step, B // groups)
             per_row = draw.repeat(groups)  # row r is sample r % (B // G)
             if bool((per_row == per_row[0]).all()):  # one model for all rows (always when B = 1):
                 with self._one(names[int(per_row[0])]):  # no per-row gathers

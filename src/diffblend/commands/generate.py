@@ -21,6 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="lambda >= 0: 1 = DB-MPA, < 1 closer to the base, > 1 extrapolates (mpa, soup; not ls)")
     p.add_argument("--method", choices=("mpa", "ls", "soup"), default="mpa",
                    help="mpa (weighted predictions), ls (one adapter per step, 1x cost), soup (Rewarded Soup)")
+    p.add_argument("--ls-draws", choices=("iid", "stratified", "golden"), default="iid",
+                   help="how --method ls draws each image's adapters over the steps: iid (the paper's), stratified "
+                        "(counts within 1 of steps * w, random order) or golden (evenly spread); same per-step law")
     p.add_argument("--seed", type=int, default=0, help="image j uses noise seed SEED + j; LS draws use SEED")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.ls_draws != "iid" and args.method != "ls":
+        raise ValueError(f"--ls-draws {args.ls_draws} applies to --method ls, got --method {args.method}")
     if args.weights is None and (args.kl_strength != 1.0 or args.method != "mpa"):
         raise ValueError("--kl-strength and --method blend adapters: give --weights too (without it, the base model)")
     prompts = args.prompt or ["7"]
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     batch = [p for p in prompts for _ in range(args.num_images)]
     images = generate(bp, batch, weights, kl_strength=args.kl_strength, method=args.method, seed=args.seed,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                      normalize=args.normalize)
+                      normalize=args.normalize, ls_draws=args.ls_draws)
     out = save_png(image_grid(images, ncols=args.num_images, scale=args.scale), args.output)
     what = "base model" if weights is None else f"{args.method} w={weights} lambda={args.kl_strength}"
     print(f"wrote {out} ({len(prompts)} prompt(s) x {args.num_images} images, {what})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-METHOD_HELP = "base, mpa, ls, soup, kla, rgg, code, morl"
+METHOD_HELP = "base, mpa, ls, ls_stratified, ls_golden, soup, kla, rgg, code, morl"
 
 
 def _floats(text: str) -> list[float]:

@@ -3,7 +3,7 @@
 Nothing here imports diffusers, peft or transformers.
 """
 
-from .blend import BASE, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key
+from .blend import BASE, LS_DRAWS, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key, stratified_choices
 from .sampling import (
     NoiseSchedule,
     SampleOutput,
@@ -19,7 +19,8 @@ from .sampling import (
 )
 
 __all__ = [
-    "BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
+    "BASE", "LS_DRAWS", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
+    "stratified_choices",
     "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
 ]

@@ -21,10 +21,11 @@ DB-MPA-LS replaces the weighted sum by one model drawn per step and per sample w
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,8 +34,11 @@ from .sampling import map_cond
 BASE = "__base__"  # name of the base model in a blend, as in peft
 METHODS = ("mpa", "ls", "soup")
 KL_STRENGTH_WARN = 2.0  # the paper sweeps lambda in [0, 2]; far above, the extrapolation saturates images
+LS_DRAWS = ("iid", "stratified", "golden")  # how DB-MPA-LS draws a sample's models over the steps
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # the golden-ratio rotation of the "golden" sequences
 
-__all__ = ["BASE", "METHODS", "KL_STRENGTH_WARN", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key"]
+__all__ = ["BASE", "KL_STRENGTH_WARN", "LS_DRAWS", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices",
+           "step_key", "stratified_choices"]
 
 
 def _check_number(name: str, value: float) -> float:
@@ -63,6 +67,13 @@ class Blend:
         sample_keys: optional per-sample integers (e.g. each image's noise seed) that key the LS
             draws instead of the sample's row in the batch, so an image draws the same adapters
             whatever batch it is generated in (a resumed sweep reproduces it).
+        ls_draws: ``"iid"`` (the paper's: independent draws at every step), ``"stratified"``
+            (each sample's draws over the run have counts within 1 of T * c_k, in a random order)
+            or ``"golden"`` (a randomly rotated golden-ratio sequence: counts close to T * c_k in
+            every window of steps, not only over the run); with both every step's draw is still
+            Categorical(c), see :func:`stratified_choices`.
+        timesteps: the run's step grid as :func:`step_key` values (distinct, in sampling order);
+            stratified and golden draws need it (:meth:`on_grid`), iid draws ignore it.
     """
 
     names: tuple[str, ...]
@@ -71,6 +82,8 @@ class Blend:
     method: str = "mpa"
     seed: int = 0
     sample_keys: tuple[int, ...] | None = None
+    ls_draws: str = "iid"
+    timesteps: tuple[int, ...] | None = None
 
     @classmethod
     def create(
@@ -83,6 +96,8 @@ class Blend:
         seed: int = 0,
         normalize: bool = False,
         sample_keys: Sequence[int] | None = None,
+        ls_draws: str = "iid",
+        timesteps: Sequence[float] | torch.Tensor | None = None,
     ) -> Blend:
         """Validate and build a blend.
 
@@ -95,12 +110,19 @@ class Blend:
             seed: integer seed for the LS draws.
             normalize: divide w by its sum instead of requiring sum(w) = 1.
             sample_keys: per-sample integer keys of the LS draws (see the class docstring).
+            ls_draws: ``"iid"``, ``"stratified"`` or ``"golden"`` (method "ls" only).
+            timesteps: the run's timesteps (any spacing); stratified draws need them, here or
+                later through :meth:`on_grid` (BlendPipeline reads them from its scheduler).
 
         Raises:
             ValueError: naming the argument and what is allowed.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if ls_draws not in LS_DRAWS:
+            raise ValueError(f"ls_draws must be one of {LS_DRAWS}, got {ls_draws!r}")
+        if ls_draws != "iid" and method != "ls":
+            raise ValueError(f"ls_draws={ls_draws!r} applies to method 'ls' only, got method={method!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if sample_keys is not None:
@@ -176,8 +198,18 @@ class Blend:
             )
         if method == "ls":
             lam = min(lam, 1.0)  # 1 + round-off: a base coefficient of -2e-16 would refuse every LS draw
-        return cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed,
-                   sample_keys=sample_keys)
+        blend = cls(names=tuple(names), weights=tuple(values), kl_strength=lam, method=method, seed=seed,
+                    sample_keys=sample_keys, ls_draws=ls_draws)
+        return blend if timesteps is None else blend.on_grid(timesteps)
+
+    def on_grid(self, timesteps: Sequence[float] | torch.Tensor) -> Blend:
+        """This blend on the step grid ``timesteps`` (the values the sampler passes as t, any
+        spacing, descending as run; repeats, e.g. a second-order solver's, count once)."""
+        keys = [step_key(t) for t in torch.as_tensor(timesteps).flatten()]
+        keys = tuple(dict.fromkeys(keys))
+        if not keys:
+            raise ValueError("timesteps must hold at least one timestep")
+        return replace(self, timesteps=keys)
 
     # -- coefficients --------------------------------------------------------------------------
     @property
@@ -200,14 +232,27 @@ class Blend:
             "kl_strength": self.kl_strength,
             "method": self.method,
             "seed": self.seed,
+            **({"ls_draws": self.ls_draws} if self.ls_draws != "iid" else {}),
         }
 
     def choices(self, step: int, num_samples: int) -> torch.Tensor:
         """The LS draws of this blend at ``step`` for ``num_samples`` samples; (B,) model indices.
 
         Keyed on the sample's row, or on ``sample_keys`` when given (then there must be one per sample).
+        ``step`` is a :func:`step_key`; stratified draws look it up in :attr:`timesteps`.
         """
-        return ls_choices(self.coefficients(), self.seed, step, num_samples, sample_keys=self.sample_keys)
+        if self.ls_draws == "iid":
+            return ls_choices(self.coefficients(), self.seed, step, num_samples, sample_keys=self.sample_keys)
+        if self.timesteps is None:
+            raise ValueError(f"ls_draws={self.ls_draws!r} needs the run's step grid: Blend.create(..., "
+                             f"timesteps=ts) or blend.on_grid(ts)")
+        try:
+            index = self.timesteps.index(int(step))
+        except ValueError:
+            raise ValueError(f"step key {step} is not on the blend's step grid {list(self.timesteps)[:6]}...: "
+                             f"give the timesteps the sampler runs") from None
+        return stratified_choices(self.coefficients(), self.seed, index, len(self.timesteps), num_samples,
+                                  sample_keys=self.sample_keys, kind=self.ls_draws)
 
 
 def combine(preds: torch.Tensor | Sequence[torch.Tensor], coeffs: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -271,6 +316,65 @@ def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int,
                        for k in sample_keys]) if num_samples else torch.zeros(0, dtype=torch.float64)
     cdf = torch.cumsum(coeffs / coeffs.sum(), 0)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(coeffs) - 1)
+
+
+def stratified_choices(coeffs: torch.Tensor, seed: int, index: int, num_steps: int, num_samples: int,
+                       sample_keys: Sequence[int] | None = None, kind: str = "stratified") -> torch.Tensor:
+    """Stratified DB-MPA-LS draws: the models run by each sample at step ``index`` of ``num_steps``.
+
+    A sample's draws over its T = num_steps steps are the inverse CDF of c at T points in [0, 1):
+
+    * ``"stratified"``: the systematic points (u0 + j) / T, u0 ~ U(0, 1), in a uniformly random
+      order. Model k gets a count within 1 of T c_k, with expectation exactly T c_k, and step i's
+      draw is Categorical(c) for every i (P(k) = E[count_k] / T = c_k).
+    * ``"golden"``: the points frac(u0 + i g), g = (sqrt(5) - 1) / 2, at step i. frac(u0 + i g) is
+      U(0, 1) for each i, so step i's draw is Categorical(c); the golden-ratio rotation spreads
+      every model's steps evenly over the run (any window of steps holds about its share).
+
+    Either way each step's marginal draw is what Prop. 2 uses, while the sample's mix of models
+    over its run has far less variance than with independent draws. Steps of one sample are
+    dependent, so the law of the final sample may move by O(1/T) from iid's.
+
+    Keyed like :func:`ls_choices`: on (seed, T, row j), or (seed, T, sample_keys[j]).
+
+    Returns:
+        (B,) int64 indices into the K models.
+    """
+    if not 0 <= index < num_steps:
+        raise ValueError(f"index must be in [0, {num_steps}), got {index}")
+    keys = None if sample_keys is None else tuple(int(k) for k in sample_keys)
+    if keys is not None and len(keys) != num_samples:
+        raise ValueError(f"sample_keys has {len(keys)} keys for {num_samples} samples")
+    c = torch.as_tensor(coeffs, dtype=torch.float64).cpu()
+    if (c < 0).any():
+        raise ValueError("stratified_choices needs non-negative coefficients (lambda <= 1); use MPA")
+    if kind not in LS_DRAWS[1:]:
+        raise ValueError(f"kind must be one of {LS_DRAWS[1:]}, got {kind!r}")
+    plan = _stratified_plan(tuple(c.tolist()), int(seed), int(num_steps), int(num_samples), keys, kind)
+    return plan[:, index].clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _stratified_plan(coeffs: tuple[float, ...], seed: int, T: int, B: int,
+                     keys: tuple[int, ...] | None, kind: str) -> torch.Tensor:
+    """(B, T) model index of every sample at every step (cached: one plan serves the T calls of a run)."""
+    tag = 0x5752  # separates these streams from the iid draws'
+    if keys is None:  # row j reads the j-th block of one stream: independent of the batch size
+        u = torch.rand(B, T + 1, generator=torch.Generator().manual_seed(_mix(seed, tag, T)), dtype=torch.float64)
+    else:
+        u = torch.stack([torch.rand(T + 1, generator=torch.Generator().manual_seed(_mix(seed, tag, T, k)),
+                                    dtype=torch.float64) for k in keys]) if B else torch.zeros(0, T + 1)
+    steps = torch.arange(T, dtype=torch.float64)
+    if kind == "golden":
+        points = (u[:, :1] + _GOLDEN * steps) % 1.0  # (B, T), step i's point is U(0, 1)
+    else:
+        points = (u[:, :1] + steps) / T  # (B, T) systematic, ascending; permuted below
+    cdf = torch.cumsum(torch.tensor(coeffs, dtype=torch.float64), 0)
+    cdf = cdf / cdf[-1]
+    alloc = torch.searchsorted(cdf, points.contiguous(), right=True).clamp_(max=len(coeffs) - 1)
+    if kind == "golden":
+        return alloc
+    return alloc.gather(1, u[:, 1:].argsort(1))  # a uniform random permutation per sample
 
 
 def _mix(*ints: int) -> int:

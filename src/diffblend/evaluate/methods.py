@@ -8,6 +8,8 @@ embedded digits model, any diffusers pipeline with one LoRA adapter per reward):
     base    the pretrained model                                           1 x steps
     mpa     DB-MPA: eps = sum_i w_i eps_i                                  m x steps (active adapters)
     ls      DB-MPA-LS: one adapter drawn per step and sample (Prop. 2)    1 x steps
+    ls_stratified, ls_golden   DB-MPA-LS whose draws over a sample's run are stratified (same
+            per-step law, far less spread of each image's mix; Blend ls_draws)  1 x steps
     soup    Rewarded Soup: the model with weights W + sum_i w_i dW_i        1 x steps
     kla     DB-KLA / joint: eps = (1 - lambda) eps_pre + lambda sum_i w_i eps_i
     rgg     reward-gradient guidance on the base (baselines.rgg)          1 x steps + reward grads
@@ -141,13 +143,13 @@ def _noise(backend: Backend, prompts: Sequence[str], seeds: Sequence[int]):
 
 
 def _blend(setting: Setting, method: str, options: MethodOptions, prompts: Sequence[str],
-           seeds: Sequence[int]) -> Blend:
+           seeds: Sequence[int], ls_draws: str = "iid", timesteps: torch.Tensor | None = None) -> Blend:
     if setting.weights is None:
         raise ValueError(f"method {setting.method!r} needs weights")
     lam = 1.0 if setting.lam is None else setting.lam
     keys = [sample_seed(p, s) for p, s in zip(prompts, seeds)] if method == "ls" else None
     return Blend.create(setting.weights_dict, kl_strength=lam, method=method, seed=options.blend_seed,
-                        sample_keys=keys)
+                        sample_keys=keys, ls_draws=ls_draws, timesteps=None if ls_draws == "iid" else timesteps)
 
 
 def _plain(backend, setting, prompts, seeds, options, denoiser, nfe_per_step) -> GenResult:
@@ -161,9 +163,9 @@ def _gen_base(backend, setting, prompts, seeds, options):
     return _plain(backend, setting, prompts, seeds, options, backend.denoiser(None), 1)
 
 
-def _gen_blend(method: str) -> Callable:
+def _gen_blend(method: str, ls_draws: str = "iid") -> Callable:
     def gen(backend, setting, prompts, seeds, options):
-        blend = _blend(setting, method, options, prompts, seeds)
+        blend = _blend(setting, method, options, prompts, seeds, ls_draws, backend.timesteps)
         if method == "ls" and options.eta == 0:
             warnings.warn("method 'ls' is exact in distribution only with a stochastic sampler (Prop. 2: DDIM "
                           "eta > 0); with eta = 0 it is a randomised heuristic", stacklevel=2)
@@ -200,6 +202,7 @@ def _gen_code(backend, setting, prompts, seeds, options):
 
 _REGISTRY: dict[str, Callable] = {
     "base": _gen_base, "mpa": _gen_blend("mpa"), "ls": _gen_blend("ls"), "soup": _gen_blend("soup"),
+    "ls_stratified": _gen_blend("ls", "stratified"), "ls_golden": _gen_blend("ls", "golden"),
     "kla": _gen_blend("mpa"), "rgg": _gen_rgg, "code": _gen_code, "morl": _gen_morl,
 }
 METHOD_NAMES = frozenset(_REGISTRY)

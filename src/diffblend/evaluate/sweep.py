@@ -27,8 +27,8 @@ from .._io import atomic_write
 __all__ = ["build_settings", "pair_grid", "shard_path", "done_keys", "merge_shards", "run_sweep", "SweepStats",
            "check_run_settings"]
 
-BLEND_METHODS = ("mpa", "ls", "soup")  # recorded with lambda = 1
-WEIGHTED_METHODS = ("mpa", "ls", "soup", "rgg", "code", "morl")
+BLEND_METHODS = ("mpa", "ls", "soup", "ls_stratified", "ls_golden")  # recorded with lambda = 1
+WEIGHTED_METHODS = ("mpa", "ls", "soup", "ls_stratified", "ls_golden", "rgg", "code", "morl")
 
 
 def pair_grid(names: Sequence[str], ws: Iterable[float]) -> list[dict[str, float]]:
@@ -72,7 +72,8 @@ def build_settings(methods: Sequence[str], weight_grid: Sequence[Mapping[str, fl
     for s, key in zip(out, keys):  # validate every blend now, not when the sweep reaches it
         if s.method in BLEND_METHODS or s.method == "kla":
             try:
-                Blend.create(s.weights_dict, kl_strength=s.lam, method="mpa" if s.method == "kla" else s.method)
+                Blend.create(s.weights_dict, kl_strength=s.lam,
+                             method="mpa" if s.method == "kla" else s.method.split("_")[0])
             except ValueError as exc:
                 raise ValueError(f"setting {key}: {exc}") from None
     return out

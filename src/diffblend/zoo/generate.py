@@ -117,7 +117,7 @@ def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[s
 
 def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | None, *, kl_strength: float = 1.0,
              method: str = "mpa", seed: int = 0, num_inference_steps: int = 20, guidance_scale: float = 2.0,
-             eta: float = 1.0, normalize: bool = False) -> torch.Tensor:
+             eta: float = 1.0, normalize: bool = False, ls_draws: str = "iid") -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] for ``prompts`` under a blend.
 
     Image j is drawn from its own ``torch.Generator`` seeded ``seed + j``, and LS draws use
@@ -126,7 +126,7 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Non
     """
     gens = [torch.Generator().manual_seed(seed + j) for j in range(len(prompts))]
     out = bp(prompt=list(prompts), weights=None if weights is None else dict(weights), kl_strength=kl_strength,
-             method=method, blend_seed=seed, normalize=normalize, num_inference_steps=num_inference_steps,
+             method=method, blend_seed=seed, normalize=normalize, ls_draws=ls_draws, num_inference_steps=num_inference_steps,
              guidance_scale=guidance_scale, eta=eta, generator=gens, output_type="pt")
     images = out.images if hasattr(out, "images") else out[0]
     if not isinstance(images, torch.Tensor):  # a pipeline that ignores output_type="pt"
