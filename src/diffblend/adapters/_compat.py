@@ -26,8 +26,8 @@ from functools import partial
 
 import torch
 
-MIN_PEFT = (0, 13, 0)
-MIN_DIFFUSERS = (0, 32, 0)
+MIN_PEFT = (0, 17, 1)  # the floors the suite passes with (requirements/floor.txt)
+MIN_DIFFUSERS = (0, 35, 2)
 _LAYER_ATTRS = ("_active_adapter", "_disable_adapters", "scaling", "lora_A", "lora_B", "merged", "use_dora",
                 "get_delta_weight", "get_base_layer")
 
