@@ -4,6 +4,7 @@ Nothing here imports diffusers, peft or transformers.
 """
 
 from .blend import BASE, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key
+from .rows import RowBlend, is_per_row
 from .sampling import (
     NoiseSchedule,
     SampleOutput,
@@ -19,7 +20,7 @@ from .sampling import (
 )
 
 __all__ = [
-    "BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
+    "BASE", "METHODS", "Blend", "RowBlend", "is_per_row", "blend_denoisers", "combine", "ls_choices", "step_key",
     "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
 ]
