@@ -270,10 +270,11 @@ class Blender:
             preds = torch.stack(outs)
         return _replace_first(out, combine(preds, coeffs))
 
-    def _soup(self, blend: Blend):
-        """Context in which the model runs as Rewarded Soup: W + lambda * sum_i w_i dW_i."""
+    def _soup(self, blend: Blend, merge: bool = True):
+        """Context in which the model runs as Rewarded Soup: W + lambda * sum_i w_i dW_i (merged weights
+        are cached for one soup only, so per-sample soups pass merge=False: no rebuild at every step)."""
         scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights) if w != 0.0}
-        if self._can_merge(scales):
+        if merge and self._can_merge(scales):
             return _compat.swapped(self.layers, self._weights(("soup", tuple(sorted(scales.items()))), scales))
         return _compat.scaled_sum(self.layers, scales)
 
@@ -282,11 +283,12 @@ class Blender:
         over the rows of its samples (row r is sample r % (B // G)), results put back in row order."""
         n = B // groups
         out, result = None, None
-        for soup, samples in blend.distinct():
+        groups_of = blend.distinct()
+        for soup, samples in groups_of:
             rows = torch.tensor([g * n + j for g in range(groups) for j in samples], device=call[self._sample_arg].device)
             sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()} \
                 if len(samples) < n else call
-            with self._soup(soup):
+            with self._soup(soup, merge=len(groups_of) == 1):
                 out = forward(**sub)
             pred = _first(out)
             if result is None:
