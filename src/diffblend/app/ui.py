@@ -56,7 +56,7 @@ def _main_panel(session: cb.Session) -> tuple[list, list, dict]:
             guidance = gr.Slider(1, 10, value=2.0, step=0.5, label="guidance")
             live = gr.Checkbox(True, label="update live while dragging (else on release)")
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="images", columns=4, height=300, format="png", elem_id="main-gallery", object_fit="contain",
+            gallery = gr.Gallery(label="images", columns=4, height="auto", format="png", elem_id="main-gallery", preview=False,
                                  interactive=False, allow_preview=False)
             rewards = gr.Markdown(elem_id="rewards")
             timing = gr.Markdown(elem_id="timing")
