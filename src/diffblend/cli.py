@@ -17,7 +17,7 @@ import sys
 from .versions import IncompatibleStack
 
 # In the order shown by --help. A module that is not there (yet) simply gives no command.
-COMMANDS = ("demo", "generate", "toy", "train_base", "finetune", "sweep", "report")
+COMMANDS = ("demo", "generate", "app", "toy", "train_base", "finetune", "sweep", "report")
 
 
 class UserError(Exception):

@@ -36,6 +36,7 @@ from .adapters.blender import Blender, resolve_mode
 from .adapters.denoiser import blend_denoiser
 from .adapters.loading import AdapterError, load_adapter
 from .core.blend import Blend, step_key
+from .core.rows import RowBlend, is_per_row
 from .core.sampling import Denoiser
 
 __all__ = ["BlendPipeline", "blend_denoiser", "AdapterError", "check_call_kwargs"]
@@ -206,12 +207,20 @@ class BlendPipeline:
         self.blender.refresh()
 
     # -- blending ------------------------------------------------------------------------------
-    def make_blend(self, weights: Mapping[str, float] | Sequence[float] | None, *, kl_strength: float = 1.0,
-                   method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
-                   sample_keys: Sequence[int] | None = None, ls_draws: str = "iid") -> Blend | None:
-        """Validate a blend over this pipeline's adapters (None weights: the base model)."""
+    def make_blend(self, weights: Mapping[str, float] | Sequence[float] | Sequence[Mapping[str, float]] | None, *,
+                   kl_strength: float | Sequence[float] = 1.0, method: str = "mpa", blend_seed: int = 0,
+                   normalize: bool = False, sample_keys: Sequence[int] | None = None,
+                   ls_draws: str = "iid") -> Blend | RowBlend | None:
+        """Validate a blend over this pipeline's adapters (None weights: the base model; a list of
+        per-image weights: a :class:`~.core.rows.RowBlend`, kl_strength then one value or one per image)."""
         if weights is None:
             return None
+        if is_per_row(weights):
+            if ls_draws != "iid":
+                raise ValueError(f"ls_draws={ls_draws!r} is not available with per-image weights (a list of w); "
+                                 f"use ls_draws='iid' or one call per w")
+            return RowBlend.create(weights, self.adapter_names, kl_strength=kl_strength, method=method,
+                                   seed=blend_seed, normalize=normalize, sample_keys=sample_keys)
         return Blend.create(weights, self.adapter_names, kl_strength=kl_strength, method=method, seed=blend_seed,
                             normalize=normalize, sample_keys=sample_keys, ls_draws=ls_draws)
 
@@ -257,16 +266,20 @@ class BlendPipeline:
             else:
                 del model.forward
 
-    def __call__(self, *args: Any, weights: Mapping[str, float] | Sequence[float] | None = None,
-                 kl_strength: float = 1.0, method: str = "mpa", blend_seed: int = 0, normalize: bool = False,
-                 sample_keys: Sequence[int] | None = None, ls_draws: str = "iid", mode: str | None = None,
-                 **pipe_kwargs: Any) -> Any:
+    def __call__(self, *args: Any, weights: Mapping[str, float] | Sequence[float] | Sequence[Mapping] | None = None,
+                 kl_strength: float | Sequence[float] = 1.0, method: str = "mpa", blend_seed: int = 0,
+                 normalize: bool = False, sample_keys: Sequence[int] | None = None, ls_draws: str = "iid",
+                 mode: str | None = None, **pipe_kwargs: Any) -> Any:
         """Run the pipeline with its usual arguments, blending the adapters with w = ``weights``.
 
         Args:
             weights: w as ``{name: w_i}`` (missing names get 0) or a list in ``adapter_names`` order;
-                must sum to 1 unless normalize=True. None: the plain base model.
-            kl_strength: lambda >= 0 (1: DB-MPA; < 1 closer to the base; > 1 extrapolates, MPA only).
+                must sum to 1 unless normalize=True. None: the plain base model. A list of per-image
+                weights (``[{name: w_i}, ...]``, one per image: prompts x num_images_per_prompt, in the
+                pipeline's image order) blends each image with its own w in one batched call, as a separate
+                call would (:class:`~.core.rows.RowBlend`; soup runs one forward per distinct w).
+            kl_strength: lambda >= 0 (1: DB-MPA; < 1 closer to the base; > 1 extrapolates, MPA only);
+                with per-image weights, one lambda or a list of one per image.
             method: "mpa", "ls" or "soup".
             blend_seed: seed of the LS draws (per sample and step; the pipeline's generator is untouched).
             sample_keys: one integer per image (e.g. the seed of its generator) that keys its LS draws

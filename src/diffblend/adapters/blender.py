@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..core.blend import BASE, Blend, combine, ls_choices, step_key
+from ..core.rows import RowBlend
 from . import _compat
 
 MODES = ("auto", "batched", "sequential")
@@ -214,6 +215,8 @@ class Blender:
             raise ValueError(f"batch of {B} rows is not {groups} stacked groups of samples")
         mode = self.resolve(blend, mode)
         self.check(blend, mode)
+        if isinstance(blend, RowBlend):
+            blend.check_samples(B // groups)
         if blend is None:
             with _compat.active(self.layers, None):
                 return forward(**call)
@@ -231,12 +234,9 @@ class Blender:
     def _blend_forward(self, forward: Callable, blend: Blend, groups: int, call: dict, mode: str, B: int) -> Any:
         """:meth:`forward` once the call is bound and checked: ``call`` holds the model's arguments."""
         if blend.method == "soup":
-            scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights) if w != 0.0}
-            if self._can_merge(scales):
-                ctx = _compat.swapped(self.layers, self._weights(("soup", tuple(sorted(scales.items()))), scales))
-            else:
-                ctx = _compat.scaled_sum(self.layers, scales)
-            with ctx:
+            if isinstance(blend, RowBlend):
+                return self._soup_rows(forward, blend, groups, call, B)
+            with self._soup(blend):
                 return forward(**call)
         names = blend.model_names
         if blend.method == "ls":
@@ -252,26 +252,52 @@ class Blender:
             if mode == "batched":
                 return self._ls_batched(forward, call, per_row, names, B)
             return self._sequential_rows(forward, call, per_row, names, B)
-        active = blend.active()  # [(name, c)] with c != 0, base first
-        if len(active) == 1 and active[0][1] == 1.0:  # one-hot w with lambda = 1, or lambda = 0
-            with self._one(active[0][0]):
+        active, coeffs = blend.active_coefficients(groups)  # base first; (K,) or per-row (K, B) for a RowBlend
+        if len(active) == 1 and bool((coeffs == 1.0).all()):  # one-hot w with lambda = 1, or lambda = 0
+            with self._one(active[0]):
                 return forward(**call)
         if mode == "batched":
             K = len(active)
             big = {k: _map_batch(v, B, lambda t: t.repeat(K, *([1] * (t.dim() - 1))), k) for k, v in call.items()}
             spans = [(k * B, (k + 1) * B) for k in range(K)]
-            with self._routed([n for n, _ in active for _ in range(B)], spans):
+            with self._routed([n for n in active for _ in range(B)], spans):
                 out = forward(**big)
             pred = _first(out)
             preds = pred.reshape(K, B, *pred.shape[1:])  # row block k is model k
         else:
             outs = []
-            for n, _ in active:
+            for n in active:
                 with self._one(n):
                     out = forward(**call)
                 outs.append(_first(out))
             preds = torch.stack(outs)
-        return _replace_first(out, combine(preds, [c for _, c in active]))
+        return _replace_first(out, combine(preds, coeffs))
+
+    def _soup(self, blend: Blend, merge: bool = True):
+        """Context in which the model runs as Rewarded Soup: W + lambda * sum_i w_i dW_i (merged weights
+        are cached for one soup only, so per-sample soups pass merge=False: no rebuild at every step)."""
+        scales = {n: blend.kl_strength * w for n, w in zip(blend.names, blend.weights) if w != 0.0}
+        if merge and self._can_merge(scales):
+            return _compat.swapped(self.layers, self._weights(("soup", tuple(sorted(scales.items()))), scales))
+        return _compat.scaled_sum(self.layers, scales)
+
+    def _soup_rows(self, forward, blend: RowBlend, groups: int, call: dict, B: int):
+        """Per-sample soups: weights cannot differ within one forward, so one forward per distinct blend
+        over the rows of its samples (row r is sample r % (B // G)), results put back in row order."""
+        n = B // groups
+        out, result = None, None
+        groups_of = blend.distinct()
+        for soup, samples in groups_of:
+            rows = torch.tensor([g * n + j for g in range(groups) for j in samples], device=call[self._sample_arg].device)
+            sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()} \
+                if len(samples) < n else call
+            with self._soup(soup, merge=len(groups_of) == 1):
+                out = forward(**sub)
+            pred = _first(out)
+            if result is None:
+                result = pred.new_empty((B, *pred.shape[1:]))
+            result[rows] = pred
+        return _replace_first(out, result)
 
     def _ls_batched(self, forward, call, per_row, names, B):
         """LS in one forward: rows sorted by drawn model (one gather in, one out), one block per model."""

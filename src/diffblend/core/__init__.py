@@ -4,6 +4,7 @@ Nothing here imports diffusers, peft or transformers.
 """
 
 from .blend import BASE, LS_DRAWS, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key, stratified_choices
+from .rows import RowBlend, is_per_row
 from .sampling import (
     NoiseSchedule,
     SampleOutput,
@@ -19,8 +20,8 @@ from .sampling import (
 )
 
 __all__ = [
-    "BASE", "LS_DRAWS", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
-    "stratified_choices",
+    "BASE", "LS_DRAWS", "METHODS", "Blend", "RowBlend", "is_per_row", "blend_denoisers", "combine", "ls_choices",
+    "step_key", "stratified_choices",
     "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
 ]

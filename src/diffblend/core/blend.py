@@ -226,6 +226,12 @@ class Blend:
         """(model name, coefficient) for every model whose coefficient is non-zero, base first."""
         return [(n, float(c)) for n, c in zip(self.model_names, self.coefficients()) if c != 0.0]
 
+    def active_coefficients(self, groups: int = 1) -> tuple[list[str], torch.Tensor]:
+        """Models with a non-zero coefficient and those coefficients, (K_active,): the same for every row
+        (``groups`` is accepted so a per-sample :class:`~.rows.RowBlend` and a Blend are used alike)."""
+        active = self.active()
+        return [n for n, _ in active], torch.tensor([c for _, c in active], dtype=torch.float64)
+
     def as_dict(self) -> dict:
         return {
             "weights": dict(zip(self.names, self.weights)),
@@ -294,7 +300,8 @@ def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int,
     the sample, not its row. Index k is drawn with probability c_k.
 
     Args:
-        coeffs: (K,) non-negative coefficients summing to 1.
+        coeffs: (K,) non-negative coefficients summing to 1, or (B, K): sample j draws with C[j]
+            (per-sample blends, :class:`~.rows.RowBlend`; the uniforms are the same).
         seed: the blend's seed.
         step: a per-step key, e.g. ``step_key(t)``.
         num_samples: B.
@@ -314,7 +321,11 @@ def ls_choices(coeffs: torch.Tensor, seed: int, step: int, num_samples: int,
             raise ValueError(f"sample_keys has {len(sample_keys)} keys for {num_samples} samples")
         u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(_mix(seed, step, k)), dtype=torch.float64)
                        for k in sample_keys]) if num_samples else torch.zeros(0, dtype=torch.float64)
-    cdf = torch.cumsum(coeffs / coeffs.sum(), 0)
+    cdf = torch.cumsum(coeffs / coeffs.sum(-1, keepdim=True), -1)
+    if cdf.dim() == 2:  # per-sample probabilities: row j of the cdf for uniform j
+        if cdf.shape[0] != num_samples:
+            raise ValueError(f"coeffs has {cdf.shape[0]} rows for {num_samples} samples")
+        return torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(coeffs) - 1)
 
 
@@ -394,7 +405,8 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend, groups: int
             adapter names; only models with a non-zero coefficient are ever called (the base
             may be omitted when lambda = 1).
         blend: the blend; method "mpa" sums the predictions with the coefficients, method "ls"
-            runs, for each sample, only the model drawn for it (:func:`ls_choices`).
+            runs, for each sample, only the model drawn for it (:func:`ls_choices`). A per-sample
+            :class:`~.rows.RowBlend` blends sample j with its own coefficients (row r is sample r % B).
         groups: G, how many stacked copies of the samples a batch holds: with G = 2 the
             denoiser can sit inside classifier-free guidance (:func:`core.cfg_denoiser`, batch
             [uncond (B); cond (B)]): LS rows j and B + j are one sample and share one draw.
@@ -415,9 +427,9 @@ def blend_denoisers(denoisers: Mapping[str, Callable], blend: Blend, groups: int
 
     def blended(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         if blend.method == "mpa":
-            active = [(n, c) for n, c in blend.active()]
-            preds = torch.stack([denoisers[n](x, t, cond) for n, _ in active])
-            return combine(preds, [c for _, c in active])
+            active, coeffs = blend.active_coefficients(groups)  # (K,) or per-row (K, B) for a RowBlend
+            preds = torch.stack([denoisers[n](x, t, cond) for n in active])
+            return combine(preds, coeffs)
         if x.shape[0] % groups:
             raise ValueError(f"batch of {x.shape[0]} rows is not {groups} stacked groups of samples")
         choice = blend.choices(step_key(t), x.shape[0] // groups).repeat(groups).to(x.device)

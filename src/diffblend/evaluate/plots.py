@@ -15,7 +15,7 @@ import numpy as np
 from .analysis import kla_table, summarize
 from .._io import atomic_write
 
-__all__ = ["METHOD_STYLE", "plot_pareto", "plot_kla", "plot_image_grid"]
+__all__ = ["METHOD_STYLE", "plot_pareto", "pareto_figure", "plot_kla", "plot_image_grid"]
 
 METHOD_STYLE = {  # label, colour, marker
     "base": ("base", "black", "*"), "mpa": ("DB-MPA", "tab:blue", "o"), "ls": ("DB-MPA-LS", "tab:cyan", "s"),
@@ -49,6 +49,15 @@ def plot_pareto(records: Sequence[Mapping], names: Sequence[str], path: str | os
                 methods: Sequence[str] | None = None, title: str = "") -> Path:
     """Mean (r_a, r_b) of every setting (lambda = 1 or none) with 95% CIs, one curve per method
     across w (in w order), the base as a star and the MORL oracles as filled markers."""
+    fig = pareto_figure(records, names, methods, title)
+    out = _save(fig, path)
+    _plt().close(fig)
+    return out
+
+
+def pareto_figure(records: Sequence[Mapping], names: Sequence[str], methods: Sequence[str] | None = None,
+                  title: str = ""):
+    """The matplotlib figure of :func:`plot_pareto` (for a caller that shows it rather than saves it)."""
     plt = _plt()
     a, b = names
     rows = [r for r in summarize(records) if r["lambda"] is None or abs(r["lambda"] - 1) < 1e-9]
@@ -71,9 +80,7 @@ def plot_pareto(records: Sequence[Mapping], names: Sequence[str], path: str | os
     ax.set_title(title or f"Reward trade-off across w ({a} vs {b})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def plot_kla(records: Sequence[Mapping], path: str | os.PathLike, method: str = "kla") -> Path | None:

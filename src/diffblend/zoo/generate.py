@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..core.rows import is_per_row
+
 __all__ = ["shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_weight_names", "generate",
            "score_images", "image_grid", "save_png", "image_format"]
 
@@ -115,19 +117,31 @@ def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[s
     return out
 
 
-def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | None, *, kl_strength: float = 1.0,
-             method: str = "mpa", seed: int = 0, num_inference_steps: int = 20, guidance_scale: float = 2.0,
-             eta: float = 1.0, normalize: bool = False, ls_draws: str = "iid") -> torch.Tensor:
+def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None,
+             *, kl_strength: float | Sequence[float] = 1.0, method: str = "mpa", seed: int | Sequence[int] = 0,
+             num_inference_steps: int = 20, guidance_scale: float = 2.0, eta: float = 1.0, normalize: bool = False,
+             ls_draws: str = "iid", callback_on_step_end: Any = None) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] for ``prompts`` under a blend.
 
     Image j is drawn from its own ``torch.Generator`` seeded ``seed + j``, and LS draws use
     ``blend_seed = seed``, so a sweep over weights with the same seed reuses the same noise
-    (paired comparisons). ``weights=None`` is the base model.
+    (paired comparisons). With a list of per-image seeds, image j uses ``seed[j]`` and its LS draws
+    are keyed on it (``sample_keys``, ``blend_seed = 0``), so image j is the same in any batch.
+    ``weights=None`` is the base model; a list of B dicts blends image j with ``weights[j]`` in the
+    same batched call (:class:`~diffblend.core.rows.RowBlend`).
     """
-    gens = [torch.Generator().manual_seed(seed + j) for j in range(len(prompts))]
-    out = bp(prompt=list(prompts), weights=None if weights is None else dict(weights), kl_strength=kl_strength,
-             method=method, blend_seed=seed, normalize=normalize, ls_draws=ls_draws, num_inference_steps=num_inference_steps,
-             guidance_scale=guidance_scale, eta=eta, generator=gens, output_type="pt")
+    seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed) + j for j in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seed has {len(seeds)} values for {len(prompts)} prompts; give one or one per prompt")
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if weights is not None:
+        weights = [dict(w) for w in weights] if is_per_row(weights) else dict(weights)
+    per_image = isinstance(seed, Sequence)
+    extra = {} if callback_on_step_end is None else {"callback_on_step_end": callback_on_step_end}
+    out = bp(prompt=list(prompts), weights=weights, kl_strength=kl_strength, method=method,
+             blend_seed=0 if per_image else int(seed), sample_keys=seeds if per_image and method == "ls" else None,
+             normalize=normalize, ls_draws=ls_draws, num_inference_steps=num_inference_steps,
+             guidance_scale=guidance_scale, eta=eta, generator=gens, output_type="pt", **extra)
     images = out.images if hasattr(out, "images") else out[0]
     if not isinstance(images, torch.Tensor):  # a pipeline that ignores output_type="pt"
         import numpy as np
