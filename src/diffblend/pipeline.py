@@ -143,7 +143,8 @@ class BlendPipeline:
         """Check and load one LoRA adapter under ``name`` (errors: :class:`AdapterError`)."""
         load_adapter(self.model, name, path, component=self.component,
                      allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
-                     text_encoder=self.text_encoder if text_encoder is None else text_encoder)
+                     text_encoder=self.text_encoder if text_encoder is None else text_encoder,
+                     pipeline_class=type(self.pipe))
         self.blender.refresh()
 
     # -- blending ------------------------------------------------------------------------------
