@@ -126,7 +126,8 @@ class BlendPipeline:
     # -- adapters ------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        """Names of the adapters on the denoiser, in load order."""
+        """Names of the adapters on the denoiser, in load order (a list of weights follows this order)."""
+        self.blender.sync()  # adapters loaded or deleted through diffusers since
         return list(self.blender.adapter_names)
 
     @property

@@ -124,7 +124,7 @@ class Blender:
         diffusers' ``load_lora_weights`` / ``delete_adapters``: a new adapter under an old name can
         target other layers)."""
         configs = getattr(self.model, "peft_config", None) or {}
-        if configs.keys() != self._configs.keys() or any(configs[k] is not v for k, v in self._configs.items()):
+        if list(configs) != list(self._configs) or any(configs[k] is not v for k, v in self._configs.items()):
             self.refresh()
 
     def _weights(self, key: Any, scales: dict[str, float]) -> list:

@@ -43,7 +43,8 @@ def _pickle_refusal(name: str, path: Path, what: str) -> AdapterError:
 def _load_pickle(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A pickled state dict, unpickled with ``weights_only=True`` (tensors and containers only)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:  # a file object: torch.load reads a path named .safetensors as safetensors
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle of arbitrary objects
         raise AdapterError(f"adapter {name!r}: {path} could not be read as a PyTorch weights file "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
