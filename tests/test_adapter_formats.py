@@ -166,6 +166,22 @@ def test_kohya_sd15_with_alpha_other_than_rank(src, tmp_path):
         torch.testing.assert_close(layer.lora_A["x"].weight, sd[f"unet.{module}.lora_A.weight"], atol=0, rtol=0)
 
 
+def test_kohya_alphas_that_differ_per_module_are_diffusers_and_a_warning_says_where_it_is_not_alpha_over_rank(
+        src, tmp_path):
+    """diffusers 0.42 applies a module's own alpha to time_emb_proj but not to attention projections (its
+    alpha_pattern keeps the processor.to_q_lora spelling): the blend is diffusers' model, and says so."""
+    kohya = to_kohya(load_file(str(src["sd"])), alpha=2.0)
+    q, t = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.resnets.0.time_emb_proj"
+    for module in (q, t):
+        kohya[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(1.0)
+    path = _write(kohya, tmp_path / "mixed.safetensors")
+    with pytest.warns(UserWarning, match=rf"adapter 'x': diffusers' loader scales 1 module\(s\) otherwise than their "
+                                         rf"kohya alpha / rank, e\.g\. {re.escape(q)}: 0\.5 \(alpha 1 / rank 4 = 0\.25\)"):
+        got, want, base, bp = _blend_vs_diffusers(tiny_sd, path, tmp_path)
+    _assert_same(got, want, base)
+    assert _scaling(bp, t) == pytest.approx(1.0 / 4) and _scaling(bp, q) == pytest.approx(2.0 / 4)
+
+
 def test_kohya_alpha_equal_to_the_source_alpha_gives_the_source_adapter(src, tmp_path):
     """A kohya file with alpha 8 on rank 4 is the source file (lora_alpha 8): an independent check of the scaling."""
     kohya = _write(to_kohya(load_file(str(src["sd"])), alpha=8.0), tmp_path / "kohya.safetensors")

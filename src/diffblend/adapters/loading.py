@@ -175,6 +175,36 @@ def _inject(model: torch.nn.Module, name: str, sd: dict, meta: dict | None, alph
                                 adapter_name=name, **kwargs)
 
 
+def _warn_alpha_mismatch(model: torch.nn.Module, name: str, alphas: dict[str, float] | None, component: str) -> None:
+    """Warn where diffusers' scaling of a module is not its kohya ``alpha / rank``. diffusers 0.42 keeps
+    a per-module alpha that differs from the file's most common one for modules named as such
+    (``time_emb_proj``) but not for attention projections (its alpha_pattern keys keep the
+    ``processor.to_q_lora.down.weight`` spelling, which matches no module), which then get the
+    common alpha. The model stays diffusers' (as ``pipe.load_lora_weights`` builds it); this says so."""
+    if not alphas:
+        return
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    prefix = component + "."
+    per_key = {k[len(prefix):-len(".alpha")]: v for k, v in alphas.items() if k.startswith(prefix) and k.endswith(".alpha")}
+    per_module = {k.split(".lora_A")[0]: v for k, v in convert_unet_state_dict_to_peft(per_key).items()}
+    off = []
+    for module, alpha in per_module.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            continue
+        if name not in getattr(layer, "scaling", {}):
+            continue
+        want, got = float(alpha) / layer.r[name], float(layer.scaling[name])
+        if abs(got - want) > 1e-6 * abs(want):
+            off.append(f"{module}: {got:g} (alpha {float(alpha):g} / rank {layer.r[name]} = {want:g})")
+    if off:
+        warnings.warn(f"adapter {name!r}: diffusers' loader scales {len(off)} module(s) otherwise than their kohya "
+                      f"alpha / rank, e.g. {'; '.join(off[:3])}; the adapter is loaded as pipe.load_lora_weights "
+                      f"loads it", stacklevel=3)
+
+
 def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, component: str = "unet",
                  allow_pickle: bool = False, text_encoder: str = "refuse", pipeline_class: Any = None) -> None:
     """Check and inject one LoRA adapter into ``model`` (a diffusers model with ``load_lora_adapter``).
@@ -207,6 +237,7 @@ def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, compone
             f"the base; unfuse them first (pipe.unfuse_lora())")
     sd, meta, alphas, ranks = _prepare(model, name, path, component, allow_pickle, text_encoder, pipeline_class)
     _inject(model, name, sd, meta, alphas, component)
+    _warn_alpha_mismatch(model, name, alphas, component)
     # Verify ourselves (diffusers' own missing-key report matches adapter names as substrings of
     # key names, so it is noisy for short names and silenced above).
     not_loaded = [m for m in ranks if name not in getattr(model.get_submodule(m), "lora_A", {})]
