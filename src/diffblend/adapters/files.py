@@ -47,7 +47,8 @@ def _load_pickle(path: Path, name: str) -> dict[str, torch.Tensor]:
             obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle of arbitrary objects
         raise AdapterError(f"adapter {name!r}: {path} could not be read as a PyTorch weights file "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                           f"({type(e).__name__}): truncated, corrupt, or holding objects other than tensors "
+                           f"(only tensors are unpickled)") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterError(f"adapter {name!r}: {path} does not hold a flat {{name: tensor}} state dict "
                            f"(found a {type(obj).__name__})")

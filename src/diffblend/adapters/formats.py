@@ -130,10 +130,11 @@ def convert(sd: dict[str, torch.Tensor], model: torch.nn.Module, component: str,
         kwargs["unet_config"] = model.config
     try:
         out = loader.lora_state_dict(dict(sd), **kwargs)
-    except (ValueError, KeyError, IndexError) as e:  # e.g. a lora_down without its lora_up (KeyError)
-        raise AdapterError(
-            f"adapter {name!r}: diffusers' {loader.__name__}.lora_state_dict could not convert {where} (read as a "
-            f"{describe(list(sd))} file): {type(e).__name__}: {str(e).strip()[:300]}") from None
+    except (ValueError, KeyError, IndexError) as e:
+        reason = (f"KeyError: key {e.args[0]!r} is missing (a lora_down without its lora_up?)"
+                  if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).strip()[:300]}")
+        raise AdapterError(f"adapter {name!r}: diffusers' {loader.__name__}.lora_state_dict could not convert "
+                           f"{where} (read as a {describe(list(sd))} file): {reason}") from None
     converted, alphas = out[0], (out[1] if len(out) == 3 else None)
     return converted, (dict(alphas) if alphas else None)
 

@@ -186,7 +186,8 @@ def _warn_alpha_mismatch(model: torch.nn.Module, name: str, alphas: dict[str, fl
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     prefix = component + "."
-    per_key = {k[len(prefix):-len(".alpha")]: v for k, v in alphas.items() if k.startswith(prefix) and k.endswith(".alpha")}
+    per_key = {k[len(prefix):-len(".alpha")]: v for k, v in alphas.items()
+               if k.startswith(prefix) and k.endswith(".alpha")}
     per_module = {k.split(".lora_A")[0]: v for k, v in convert_unet_state_dict_to_peft(per_key).items()}
     off = []
     for module, alpha in per_module.items():
