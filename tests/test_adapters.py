@@ -68,6 +68,29 @@ def test_loaded_weights_and_alpha_are_the_files(bp, files):
     assert bp.adapter_names == list(NAMES)
 
 
+def test_adapter_names_are_in_load_order_so_a_list_of_weights_goes_to_the_right_adapters(tmp_path):
+    """Adapter 'a' targets to_k, 'b' to_q: the first adapted layer (attn1.to_q) is b's, yet the names,
+    and the order of a list of weights, are the load order [a, b] (also after a delete and reload)."""
+    pipe = tiny_sd(tmp_path)
+    bp = BlendPipeline(pipe, {"a": save_random_lora(pipe, tmp_path / "a", seed=1, targets=["to_k"]),
+                              "b": save_random_lora(pipe, tmp_path / "b", seed=2, targets=["to_q"])})
+    first = next(n for n, m in bp.model.named_modules() if hasattr(m, "lora_A"))
+    assert first.endswith("attn1.to_q") and list(bp.model.get_submodule(first).lora_A) == ["b"]
+    assert bp.adapter_names == ["a", "b"]
+    kw = dict(prompt="a", num_inference_steps=2, height=16, width=16, output_type="latent")
+
+    def run(w):
+        return bp(weights=w, generator=torch.Generator().manual_seed(0), **kw).images
+
+    listed = run([0.3, 0.7])
+    torch.testing.assert_close(listed, run({"a": 0.3, "b": 0.7}), atol=0, rtol=0)
+    assert (listed - run({"a": 0.7, "b": 0.3})).abs().max() > 1e-3  # the order matters here
+    pipe.delete_adapters("a")
+    pipe.load_lora_weights(str(tmp_path / "a" / "lora.safetensors"), adapter_name="a")
+    assert bp.adapter_names == ["b", "a"]  # reloaded last
+    torch.testing.assert_close(run([0.7, 0.3]), listed, atol=0, rtol=0)
+
+
 def test_peft_directory_equals_the_diffusers_file(bp, files, tmp_path):
     """A peft adapter dir (adapter_config.json + adapter_model.safetensors) gives the same model."""
     peft_dir = tmp_path / "peft_txt"

@@ -186,7 +186,8 @@ class BlendPipeline:
     # -- adapters ------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        """Names of the adapters on the denoiser, in load order."""
+        """Names of the adapters on the denoiser, in load order (a list of weights follows this order)."""
+        self.blender.sync()  # adapters loaded or deleted through diffusers since
         return list(self.blender.adapter_names)
 
     @property
@@ -203,7 +204,8 @@ class BlendPipeline:
         """Check and load one LoRA adapter under ``name`` (errors: :class:`AdapterError`)."""
         load_adapter(self.model, name, path, component=self.component,
                      allow_pickle=self.allow_pickle if allow_pickle is None else allow_pickle,
-                     text_encoder=self.text_encoder if text_encoder is None else text_encoder)
+                     text_encoder=self.text_encoder if text_encoder is None else text_encoder,
+                     pipeline_class=type(self.pipe))
         self.blender.refresh()
 
     # -- blending ------------------------------------------------------------------------------

@@ -81,12 +81,20 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def adapters_on(layers: Sequence[torch.nn.Module]) -> list[str]:
-    """Adapter names present on the layers, in load order."""
-    names: dict[str, None] = {}
+def adapters_on(layers: Sequence[torch.nn.Module], load_order: Sequence[str] = ()) -> list[str]:
+    """Adapter names present on the layers, in load order.
+
+    ``load_order`` is the model's ``peft_config`` keys (peft inserts an adapter's config when it
+    injects it and pops it on delete, so the dict's order is the load order). The walk over the
+    layers gives another order when the first adapted layer belongs to a later adapter (adapter a
+    on ``to_k``, b on ``to_q``: ``attn1.to_q`` comes first), which would hand a list of weights to
+    the wrong adapters. Names on the layers but not in ``load_order`` follow, in walk order.
+    """
+    found: dict[str, None] = {}
     for layer in layers:
-        names.update(dict.fromkeys(layer.lora_A.keys()))
-    return list(names)
+        found.update(dict.fromkeys(layer.lora_A.keys()))
+    ordered = [n for n in load_order if n in found]
+    return ordered + [n for n in found if n not in ordered]
 
 
 def dora_adapters(layers: Sequence[torch.nn.Module]) -> set[str]:

@@ -114,8 +114,8 @@ class Blender:
     def refresh(self) -> None:
         """Re-read the model's LoRA layers (after adapters were loaded or deleted)."""
         self.layers = _compat.lora_layers(self.model)
-        self.adapter_names = _compat.adapters_on(self.layers)
         self._configs = dict(getattr(self.model, "peft_config", None) or {})  # strong refs: ids stay unique
+        self.adapter_names = _compat.adapters_on(self.layers, list(self._configs))  # load order
         self.dora = _compat.dora_adapters(self.layers)
         self._no_merge = self.dora | _compat.biased_adapters(self.layers)  # W + dW is not the adapter
         self._cache = {}
@@ -125,7 +125,7 @@ class Blender:
         diffusers' ``load_lora_weights`` / ``delete_adapters``: a new adapter under an old name can
         target other layers)."""
         configs = getattr(self.model, "peft_config", None) or {}
-        if configs.keys() != self._configs.keys() or any(configs[k] is not v for k, v in self._configs.items()):
+        if list(configs) != list(self._configs) or any(configs[k] is not v for k, v in self._configs.items()):
             self.refresh()
 
     def _weights(self, key: Any, scales: dict[str, float]) -> list:

@@ -1,121 +1,43 @@
 """Load LoRA adapters by name onto one shared base model (a diffusers UNet or transformer).
 
-Accepted sources:
+Accepted sources (read by :mod:`.files`, layouts converted by :mod:`.formats` with diffusers' own
+``<PipelineClass>.lora_state_dict``, as ``pipe.load_lora_weights`` does):
   * a diffusers LoRA safetensors file, as written by ``pipe.save_lora_weights`` (keys
     ``unet.<module>.lora_A.weight`` ..., possibly with text-encoder components in the same file,
-    and diffusers' ``lora_adapter_metadata`` holding the LoraConfig, e.g. ``lora_alpha``), or a
-    directory holding exactly one such file;
+    and diffusers' ``lora_adapter_metadata`` holding the LoraConfig, e.g. ``lora_alpha``; without
+    it diffusers' defaults apply: lora_alpha = rank), or a directory holding exactly one such file;
+  * an old diffusers attention-processor file (``unet.<...>.processor.to_q_lora.down.weight``);
+  * a kohya / sd-scripts file (``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``,
+    ``.alpha``; LyCORIS LoCon too; SDXL's sgm block names), alphas applied as diffusers applies them;
   * a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 Every adapter is checked against the base *before* anything is injected, and refused with an
-:class:`AdapterError` naming the adapter and the mismatch: modules the base does not have, shapes
-that do not match the base layer, a rank that differs between A and B, an A without its B (or the
-reverse), non-LoRA tensors (a fused / merged checkpoint), pickle files (``.bin``, ``.ckpt``, ``.pt``,
-``.pth``, ``.pkl``) unless ``allow_pickle=True``, and text-encoder components unless
-``text_encoder="ignore"`` (the blend acts on the denoiser's predictions only).
+:class:`AdapterError` naming the adapter and the mismatch: an empty, truncated or corrupt file,
+NaN / inf values, adapter types that are not LoRA (LoKr, LoHa, ...), modules the base does not have,
+shapes that do not match the base layer, a rank that differs between A and B, an A without its B
+(or the reverse), non-LoRA tensors (a fused / merged checkpoint), pickle files (``.bin``, ``.ckpt``,
+``.pt``, ``.pth``, ``.pkl``, or a pickle under a ``.safetensors`` name) unless ``allow_pickle=True``,
+and text-encoder components (kohya ``lora_te_`` keys too) unless ``text_encoder="ignore"`` (the
+blend acts on the denoiser's predictions only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-DENOISER_COMPONENTS = ("unet", "transformer")
+from .files import PICKLE_SUFFIXES, AdapterError, read_adapter
+from .formats import convert, drop_kohya_text_encoders, refuse_foreign, split_components
+
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?:\.(?P<leaf>weight|bias))?$")
 
 __all__ = ["AdapterError", "read_adapter", "check_fits", "check_ranks", "load_adapter", "PICKLE_SUFFIXES"]
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be used on this base model; the message names the adapter and why."""
-
-
-def _load_tensors(path: Path, name: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state dict, parsed diffusers LoRA metadata or None) of one weights file."""
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise AdapterError(
-                f"adapter {name!r}: {path.name} is a pickle file, which can run arbitrary code when loaded; "
-                f"convert it to .safetensors or pass allow_pickle=True if you trust it")
-        return torch.load(path, map_location="cpu", weights_only=True), None
-    if path.suffix != ".safetensors":
-        raise AdapterError(f"adapter {name!r}: unsupported file type {path.name!r}; expected .safetensors")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as fh:
-        raw = fh.metadata() or {}
-    meta = json.loads(raw["lora_adapter_metadata"]) if raw.get("lora_adapter_metadata") else None
-    return load_file(str(path)), meta
-
-
-def read_adapter(path: str | Path, name: str = "adapter", *, allow_pickle: bool = False
-                 ) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Read an adapter's tensors and LoRA metadata (keys as in the file; peft dirs: unprefixed).
-
-    Returns:
-        (state_dict, metadata): metadata maps ``"<component>.<LoraConfig field>"`` (diffusers files)
-        or ``"<LoraConfig field>"`` (peft dirs) to values, or is None when the file has none.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise AdapterError(f"adapter {name!r}: {str(path)!r} does not exist")
-    if path.is_dir():
-        config = path / "adapter_config.json"
-        if config.exists():  # a peft adapter directory
-            cfg = json.loads(config.read_text())
-            if cfg.get("peft_type", "LORA") != "LORA":
-                raise AdapterError(f"adapter {name!r}: peft type {cfg.get('peft_type')!r} is not LoRA")
-            files = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
-            weights = next((f for f in files if f.exists()), None)
-            if weights is None:
-                raise AdapterError(f"adapter {name!r}: {path.name} has adapter_config.json but no adapter_model file")
-            sd, _ = _load_tensors(weights, name, allow_pickle)
-            sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
-            keep = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
-                    "lora_bias", "fan_in_fan_out", "bias", "init_lora_weights")
-            return sd, {k: cfg[k] for k in keep if k in cfg}
-        found = sorted(path.glob("*.safetensors")) or sorted(p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}"))
-        if len(found) != 1:
-            raise AdapterError(
-                f"adapter {name!r}: directory {path.name!r} must hold exactly one LoRA weights file or a peft "
-                f"adapter_config.json, found {[f.name for f in found]}")
-        path = found[0]
-    return _load_tensors(path, name, allow_pickle)
-
-
-def split_components(sd: dict[str, torch.Tensor], meta: dict | None, denoiser: str, name: str,
-                     text_encoder: str = "refuse") -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The denoiser's part of a (possibly multi-component) LoRA state dict, prefix removed."""
-    if text_encoder not in ("refuse", "ignore"):
-        raise ValueError(f"text_encoder must be 'refuse' or 'ignore', got {text_encoder!r}")
-    prefixes = {k.split(".", 1)[0] for k in sd}
-    if not prefixes & set(DENOISER_COMPONENTS + TEXT_COMPONENTS):
-        return sd, meta  # unprefixed: the whole dict is the denoiser's (a peft directory)
-    text = sorted(prefixes & set(TEXT_COMPONENTS))
-    if text and text_encoder == "refuse":
-        raise AdapterError(
-            f"adapter {name!r} also holds LoRA weights for {text}; Diffusion Blend combines the "
-            f"{denoiser}'s predictions and does not blend text encoders. Pass text_encoder='ignore' "
-            f"to load only the {denoiser} part")
-    other = sorted(prefixes - set(TEXT_COMPONENTS) - {denoiser})
-    if other:
-        raise AdapterError(
-            f"adapter {name!r} holds weights for component(s) {other}, but the base model is a {denoiser}")
-    part = {k[len(denoiser) + 1:]: v for k, v in sd.items() if k.startswith(denoiser + ".")}
-    if not part:
-        raise AdapterError(f"adapter {name!r} holds no LoRA weights for the {denoiser} (only for {text})")
-    if meta is not None and any(k.startswith(denoiser + ".") for k in meta):
-        meta = {k[len(denoiser) + 1:]: v for k, v in meta.items() if k.startswith(denoiser + ".")}
-    return part, meta
 
 
 def _to_peft_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,47 +140,112 @@ def _quiet_loading():
         logger.setLevel(level)
 
 
+def _prepare(model: torch.nn.Module, name: str, path: str | Path, component: str, allow_pickle: bool,
+             text_encoder: str, pipeline_class: Any) -> tuple[dict, dict | None, dict | None, dict[str, int]]:
+    """Read, convert and check one adapter: (peft-layout state dict of the denoiser, its LoraConfig
+    metadata or None, diffusers' network alphas or None, {module: rank}). Nothing is injected."""
+    sd, meta = read_adapter(path, name, allow_pickle=allow_pickle)
+    where = str(path)
+    refuse_foreign(list(sd), name, where)
+    sd = drop_kohya_text_encoders(sd, name, component, text_encoder)
+    sd, alphas = convert(sd, model, component, pipeline_class, name, where)
+    sd, meta = split_components(sd, meta, component, name, text_encoder)
+    sd = _to_peft_keys(sd)
+    ranks = check_fits(model, sd, name, component)
+    check_ranks(ranks, meta, name)
+    if alphas and meta:
+        raise AdapterError(f"adapter {name!r}: {where} holds both kohya alphas and a LoraConfig in its metadata; "
+                           f"diffusers' loader refuses such files too")
+    return sd, meta, alphas, ranks
+
+
+def _inject(model: torch.nn.Module, name: str, sd: dict, meta: dict | None, alphas: dict | None,
+            component: str) -> None:
+    """diffusers' ``load_lora_adapter`` with the component prefix put back: it applies the network
+    alphas (kohya) or the metadata's LoraConfig exactly as ``pipe.load_lora_weights`` does."""
+    if not hasattr(model, "load_lora_adapter"):
+        raise RuntimeError(f"{type(model).__name__} has no load_lora_adapter (diffusers PeftAdapterMixin)")
+    kwargs: dict[str, Any] = {}
+    if meta:
+        kwargs["metadata"] = {f"{component}.{k}": v for k, v in meta.items()}
+    if alphas:
+        kwargs["network_alphas"] = alphas
+    with _quiet_loading():
+        model.load_lora_adapter({f"{component}.{k}": v for k, v in sd.items()}, prefix=component,
+                                adapter_name=name, **kwargs)
+
+
+def _warn_alpha_mismatch(model: torch.nn.Module, name: str, alphas: dict[str, float] | None, component: str) -> None:
+    """Warn where diffusers' scaling of a module is not its kohya ``alpha / rank``. diffusers 0.42 keeps
+    a per-module alpha that differs from the file's most common one for modules named as such
+    (``time_emb_proj``) but not for attention projections (its alpha_pattern keys keep the
+    ``processor.to_q_lora.down.weight`` spelling, which matches no module), which then get the
+    common alpha. The model stays diffusers' (as ``pipe.load_lora_weights`` builds it); this says so."""
+    if not alphas:
+        return
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    prefix = component + "."
+    per_key = {k[len(prefix):-len(".alpha")]: v for k, v in alphas.items()
+               if k.startswith(prefix) and k.endswith(".alpha")}
+    per_module = {k.split(".lora_A")[0]: v for k, v in convert_unet_state_dict_to_peft(per_key).items()}
+    off = []
+    for module, alpha in per_module.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            continue
+        if name not in getattr(layer, "scaling", {}):
+            continue
+        want, got = float(alpha) / layer.r[name], float(layer.scaling[name])
+        if abs(got - want) > 1e-6 * abs(want):
+            off.append(f"{module}: {got:g} (alpha {float(alpha):g} / rank {layer.r[name]} = {want:g})")
+    if off:
+        warnings.warn(f"adapter {name!r}: diffusers' loader scales {len(off)} module(s) otherwise than their kohya "
+                      f"alpha / rank, e.g. {'; '.join(off[:3])}; the adapter is loaded as pipe.load_lora_weights "
+                      f"loads it", stacklevel=3)
+
+
 def load_adapter(model: torch.nn.Module, name: str, path: str | Path, *, component: str = "unet",
-                 allow_pickle: bool = False, text_encoder: str = "refuse") -> None:
+                 allow_pickle: bool = False, text_encoder: str = "refuse", pipeline_class: Any = None) -> None:
     """Check and inject one LoRA adapter into ``model`` (a diffusers model with ``load_lora_adapter``).
 
     Args:
         model: the shared base, e.g. ``pipe.unet`` or ``pipe.transformer``.
         name: the adapter's name (unique, not ``"__base__"``).
-        path: a diffusers LoRA file / directory, or a peft adapter directory.
+        path: a LoRA file (diffusers, old attention-processor, kohya / sd-scripts) / a directory
+            holding one, or a peft adapter directory.
         component: the denoiser's component name in multi-component files ("unet" / "transformer").
         allow_pickle: also accept pickle files (only for files you trust).
         text_encoder: "refuse" (default) or "ignore" text-encoder components of the file.
+        pipeline_class: the pipeline's class (e.g. ``type(pipe)``), whose ``lora_state_dict`` converts
+            the file as ``pipe.load_lora_weights`` would. None (a bare model): diffusers'
+            StableDiffusionLoraLoaderMixin for a UNet; for a transformer no conversion (diffusers and
+            peft layouts only).
     """
     from ._compat import check_versions, is_merged, lora_layers
 
     check_versions()
     if not isinstance(name, str) or not name or name == "__base__":
         raise AdapterError(f"adapter name must be a non-empty string other than '__base__', got {name!r}")
+    if text_encoder not in ("refuse", "ignore"):
+        raise ValueError(f"text_encoder must be 'refuse' or 'ignore', got {text_encoder!r}")
     if name in getattr(model, "peft_config", {}):
         raise AdapterError(f"adapter name {name!r} is already loaded on this {component}")
     if is_merged(lora_layers(model)):
         raise AdapterError(
             f"cannot load adapter {name!r}: the {component} has fused (merged) LoRA weights, so its weights are not "
             f"the base; unfuse them first (pipe.unfuse_lora())")
-    sd, meta = read_adapter(path, name, allow_pickle=allow_pickle)
-    sd, meta = split_components(sd, meta, component, name, text_encoder)
-    sd = _to_peft_keys(sd)
-    ranks = check_fits(model, sd, name, component)
-    check_ranks(ranks, meta, name)
-    if not hasattr(model, "load_lora_adapter"):
-        raise RuntimeError(f"{type(model).__name__} has no load_lora_adapter (diffusers PeftAdapterMixin)")
-    kwargs = {"metadata": meta} if meta else {}
-    with _quiet_loading():
-        model.load_lora_adapter(sd, prefix=None, adapter_name=name, **kwargs)
+    sd, meta, alphas, ranks = _prepare(model, name, path, component, allow_pickle, text_encoder, pipeline_class)
+    _inject(model, name, sd, meta, alphas, component)
+    _warn_alpha_mismatch(model, name, alphas, component)
     # Verify ourselves (diffusers' own missing-key report matches adapter names as substrings of
     # key names, so it is noisy for short names and silenced above).
-    layers = lora_layers(model)
     not_loaded = [m for m in ranks if name not in getattr(model.get_submodule(m), "lora_A", {})]
     if not_loaded:
         raise AdapterError(f"adapter {name!r}: {len(not_loaded)} module(s) did not receive weights, e.g. "
                            f"{not_loaded[:3]}")
-    for layer in layers:  # inference: the loaded weights are not trained here
+    for layer in lora_layers(model):  # inference: the loaded weights are not trained here
         for mod in (layer.lora_A, layer.lora_B):
             if name in mod:
                 mod[name].requires_grad_(False)
