@@ -4,6 +4,7 @@ Nothing here imports diffusers, peft or transformers.
 """
 
 from .blend import BASE, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key
+from .flow import flow_sde_step, flow_sigmas, sample_flow
 from .sampling import (
     NoiseSchedule,
     SampleOutput,
@@ -15,6 +16,7 @@ from .sampling import (
     ddpm_step,
     gaussian_log_prob,
     randn,
+    run_steps,
     sample,
 )
 
@@ -22,4 +24,5 @@ __all__ = [
     "BASE", "METHODS", "Blend", "blend_denoisers", "combine", "ls_choices", "step_key",
     "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
+    "run_steps", "flow_sde_step", "flow_sigmas", "sample_flow",
 ]
