@@ -45,7 +45,7 @@ def _check_noise_level(noise_level: float) -> float:
 
 def _sigma(value: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
     """sigma as a tensor in the coefficient dtype on like's device, checked to lie in [0, 1]."""
-    s = torch.as_tensor(value).to(device=like.device, dtype=_coef_dtype(like))
+    s = torch.as_tensor(value, dtype=_coef_dtype(like), device=like.device)  # a Python float at full precision
     if not bool(((s >= 0) & (s <= 1)).all()):
         raise ValueError(f"{name} must be in [0, 1] (1: pure noise, 0: data), got {value}")
     return s
