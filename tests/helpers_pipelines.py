@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_sd", "tiny_sdxl", "save_random_lora", "LORA_TARGETS"]
+__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "save_random_lora", "LORA_TARGETS"]
 
 
 # Attention projections, the transformer's in/out projections and the resnets' time projections
@@ -109,6 +109,25 @@ def tiny_sdxl(tmpdir: str | os.PathLike, seed: int = 0):
     pipe = StableDiffusionXLPipeline(
         vae=_vae(seed + 1), text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3),
         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3(seed: int = 0, shift: float = 3.0):
+    """A StableDiffusion3Pipeline without its T5 encoder (text_encoder_3=None: the pipeline pads with
+    zeros), two CLIP encoders of width 32 (joint_attention_dim 64 = their concatenation), a one-layer
+    SD3 transformer, FlowMatchEulerDiscreteScheduler(shift); 16x16 pixels, 8x8 latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = _seeded(seed, lambda: SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=8).eval())
+    tok = _tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=_vae(seed + 1),
+        text_encoder=_text_encoder(True, seed + 2), tokenizer=tok, text_encoder_2=_text_encoder(True, seed + 3),
+        tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -14,7 +14,8 @@ guiding the blended one, Sec. 4 of the paper).
 
 Methods (Cheng et al., ICLR 2026): ``"mpa"`` DB-MPA / DB-KLA (weighted sum of the predictions, with
 the base at coefficient 1 - lambda), ``"ls"`` DB-MPA-LS (one model per sample and step, exact in
-distribution only with a stochastic sampler: DDIM eta = 1, DDPM; with an ODE sampler such as
+distribution only with a stochastic sampler: DDIM eta = 1, DDPM, or for flow matching (SD3, Flux)
+:class:`~diffblend.schedulers.FlowMatchSDEScheduler` with noise_level > 0; with an ODE sampler such as
 deterministic DDIM or flow-matching Euler it is a randomised heuristic and a warning is issued),
 ``"soup"`` Rewarded Soup (the baseline). Flow-matching transformers (SD3, Flux) go through the same
 code: the blend of velocity predictions is the same linear combination.
@@ -57,11 +58,14 @@ def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
     """Whether the pipeline's sampler injects fresh noise at every step (LS needs it, Prop. 2)."""
     scheduler = getattr(pipe, "scheduler", None)
     name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    noise_level = getattr(config, "noise_level", None)  # diffblend's FlowMatchSDEScheduler: 0 is the Euler ODE
+    if isinstance(noise_level, (int, float)):
+        return noise_level > 0
     if "DDPM" in name or "Ancestral" in name or "SDE" in name:
         return True
     if name.startswith("DDIM"):
         return _eta(pipe, call_kwargs) > 0
-    config = getattr(scheduler, "config", None)
     if str(getattr(config, "algorithm_type", "")).startswith("sde-"):  # DPM-Solver's SDE variants
         return True
     return bool(getattr(config, "stochastic_sampling", False))
@@ -306,7 +310,8 @@ class BlendPipeline:
         self.blender.check(blend, self.blender.resolve(blend, mode))
         if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe, pipe_kwargs):
             warnings.warn(
-                f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM); with "
+                f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM; flow "
+                f"matching: diffblend.schedulers.FlowMatchSDEScheduler, noise_level > 0); with "
                 f"{type(getattr(self.pipe, 'scheduler', None)).__name__} (eta={_eta(self.pipe, pipe_kwargs)}) it "
                 f"is a randomised heuristic", stacklevel=2)
         with self.attached(blend, mode):

@@ -4,6 +4,7 @@ Nothing here imports diffusers, peft or transformers.
 """
 
 from .blend import BASE, LS_DRAWS, METHODS, Blend, blend_denoisers, combine, ls_choices, step_key, stratified_choices
+from .flow import flow_sde_step, flow_sigmas, sample_flow
 from .rows import RowBlend, is_per_row
 from .sampling import (
     NoiseSchedule,
@@ -16,6 +17,7 @@ from .sampling import (
     ddpm_step,
     gaussian_log_prob,
     randn,
+    run_steps,
     sample,
 )
 
@@ -24,4 +26,5 @@ __all__ = [
     "step_key", "stratified_choices",
     "NoiseSchedule", "SampleOutput", "StepOutput", "cat_cond", "map_cond", "cfg_denoiser", "ddim_step",
     "ddpm_step", "gaussian_log_prob", "randn", "sample",
+    "run_steps", "flow_sde_step", "flow_sigmas", "sample_flow",
 ]

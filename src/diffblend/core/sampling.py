@@ -30,6 +30,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "sample",
+    "run_steps",
     "randn",
     "cat_cond",
     "map_cond",
@@ -372,16 +373,31 @@ def sample(
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     ts = torch.as_tensor(timesteps, dtype=torch.long)
     model = denoiser if guidance_scale == 1.0 else cfg_denoiser(denoiser, guidance_scale, uncond)
+
+    def step(i: int, pred: torch.Tensor, x_t: torch.Tensor) -> StepOutput:
+        t, prev_t = ts[i], ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1)
+        if sampler == "ddim":
+            return ddim_step(pred, t, x_t, schedule, prev_t, eta, generator=generators)
+        return ddpm_step(pred, t, x_t, schedule, prev_t, generator=generators)
+
+    return run_steps(model, x, ts, cond, step, callback=callback, keep_trajectory=keep_trajectory)
+
+
+StepFn = Callable[[int, torch.Tensor, torch.Tensor], StepOutput]
+
+
+def run_steps(model: Denoiser, x: torch.Tensor, ts: torch.Tensor, cond: Any, step: StepFn, *,
+              callback: StepCallback | None = None, keep_trajectory: bool = False) -> SampleOutput:
+    """The loop every sampler shares: ``pred = model(x, ts[i], cond)``, then ``step(i, pred, x)``.
+
+    ts: (N,) the values the model is called with (integer timesteps, or sigma * 1000 for flow
+    matching); ``step`` turns a prediction into a :class:`StepOutput`. ``callback`` and
+    ``keep_trajectory`` as in :func:`sample`.
+    """
     B = x.shape[0]
     latents, log_probs, x0s = [x] if keep_trajectory else None, [], []
     for i, t in enumerate(ts):
-        prev_t = ts[i + 1] if i + 1 < len(ts) else torch.tensor(-1)
-        t_b = t.expand(B).to(x.device)
-        pred = model(x, t_b, cond)
-        if sampler == "ddim":
-            out = ddim_step(pred, t, x, schedule, prev_t, eta, generator=generators)
-        else:
-            out = ddpm_step(pred, t, x, schedule, prev_t, generator=generators)
+        out = step(i, model(x, t.expand(B).to(x.device), cond), x)
         if callback is not None:
             replaced = callback(i, t, out)
             if replaced is not None:  # score the sample the loop goes on from

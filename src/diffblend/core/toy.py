@@ -6,6 +6,8 @@ closed-form, so the samplers and the blend maths can be checked against exact an
     p_pre(x0)            = sum_k pi_k N(x0; mu_k, Sigma_k)                       the base model
     p_t(x_t)             = sum_k pi_k N(x_t; sqrt(a) mu_k, a Sigma_k + (1 - a) I)  VP marginal, a = alpha_bar_t
     eps(x_t, t)          = -sqrt(1 - a) * grad log p_t(x_t)                      the exact noise prediction
+    p_s(x_s)             = sum_k pi_k N(x_s; (1 - s) mu_k, (1 - s)^2 Sigma_k + s^2 I)  flow-matching marginal
+    v(x_s, s)            = E[eps - x0 | x_s]                                     the exact flow velocity
     p_pre(x0) e^{r/alpha}                                                        again a mixture when
     r(x) = -1/2 x^T Q x + b^T x + c0                                             r is at most quadratic
 
@@ -147,10 +149,16 @@ def _score(x: torch.Tensor, means: torch.Tensor, log_norm: torch.Tensor, prec: t
     """Mixture score at x (B, d): responsibilities from log_norm_k - 1/2 |x - mu_k|^2_{P_k}, then
     sum_k gamma_k P_k (mu_k - x). The parameters are shared, (K, d), (K,), (K, d, d), or per row
     with a leading batch dimension of B or 1. Batched matmuls: this is the sampler's hot loop."""
+    gamma, _, pd = _responsibilities(x, means, log_norm, prec)
+    return (gamma.unsqueeze(1) @ pd).squeeze(1)
+
+
+def _responsibilities(x, means, log_norm, prec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gamma_k(x) (B, K), mu_k - x (B, K, d) and P_k (mu_k - x) (B, K, d) for :func:`_score`'s arguments."""
     diff = means - x[:, None]  # (B, K, d)
     pd = (prec @ diff[..., None]).squeeze(-1)  # (B, K, d), P_k (mu_k - x)
     gamma = torch.softmax(log_norm - 0.5 * (diff * pd).sum(-1), -1)  # (B, K)
-    return (gamma.unsqueeze(1) @ pd).squeeze(1)
+    return gamma, diff, pd
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,51 @@ class GaussianMixture:
             return (-sb[t, None] * score).to(device=x.device, dtype=x.dtype)
 
         return eps_fn
+
+    # -- the flow-matching (rectified flow) forward process ----------------------------------------
+    def flow_noised(self, sigma: float) -> GaussianMixture:
+        """The marginal of x_s = (1 - s) x0 + s eps, s = sigma in [0, 1] (diffusers' flow matching)."""
+        s = float(sigma)
+        if not 0 <= s <= 1:
+            raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+        eye = torch.eye(self.dim, dtype=_F64)
+        return GaussianMixture(self.weights, (1 - s) * self.means, (1 - s) ** 2 * self.covs + s**2 * eye)
+
+    def _flow_parts(self, sigmas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Marginal means, log_norm, precisions and the velocity gain for sigmas (S,): (S, K, d), (S, K),
+        (S, K, d, d), (S, K, d, d). With S_k = (1 - s)^2 Sigma_k + s^2 I the component's covariance,
+        E[eps | x, k] = s S_k^-1 (x - m_k) and E[x0 | x, k] = mu_k + (1 - s) Sigma_k S_k^-1 (x - m_k),
+        so E[eps - x0 | x, k] = G_k (x - m_k) - mu_k with G_k = (s I - (1 - s) Sigma_k) S_k^-1."""
+        s = sigmas.to(_F64)[:, None, None, None]  # (S, 1, 1, 1)
+        eye = torch.eye(self.dim, dtype=_F64)
+        prec = torch.linalg.inv((1 - s) ** 2 * self.covs + s**2 * eye)  # (S, K, d, d)
+        log_norm = self.weights.log() + 0.5 * torch.logdet(prec)
+        return (1 - s[..., 0]) * self.means, log_norm, prec, (s * eye - (1 - s) * self.covs) @ prec
+
+    def flow_velocity(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The exact velocity v(x, s) = E[eps - x0 | x_s = x] = sum_k gamma_k(x) (G_k (x - m_k) - mu_k);
+        x (B, d), sigma a number or (B,) in [0, 1]; (B, d) float64. Defined at s = 1 (x - mean) and s = 0 (-x)."""
+        x = x.to(_F64)
+        s = torch.as_tensor(sigma, dtype=_F64).reshape(-1)
+        if not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+        means, log_norm, prec, gain = self._flow_parts(s)
+        gamma, diff, _ = _responsibilities(x, means, log_norm, prec)
+        v_k = -(gain @ diff[..., None]).squeeze(-1) - self.means  # (B, K, d); diff = m_k - x
+        return (gamma.unsqueeze(1) @ v_k).squeeze(1)
+
+    def flow_denoiser(self, time_scale: float = 1000.0):
+        """The exact velocity as a denoiser ``(x, t, cond) -> v`` for ``core.flow.sample_flow`` /
+        ``blend_denoisers``: sigma = t / time_scale (diffusers' timestep convention), cond ignored,
+        output in x's dtype and device."""
+
+        def v_fn(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+            s = torch.as_tensor(t, device="cpu", dtype=_F64).reshape(-1).expand(x.shape[0]) / time_scale
+            if bool((s == s[0]).all()):  # the usual case: one sigma for the whole batch
+                s = s[:1]
+            return self.flow_velocity(x.cpu(), s).to(device=x.device, dtype=x.dtype)
+
+        return v_fn
 
     def posterior(self, x_t: torch.Tensor, alpha_bar: float) -> Posterior:
         """p(x0 | x_t): component k has precision Sigma_k^{-1} + a/(1-a) I and mean
