@@ -202,7 +202,7 @@ def test_demo_refuses_zero_steps_in_one_line(tmp_path, adapters, capsys):
     rc = main(["demo", "--adapter", f"ta={adapters['ta']}", "--adapter", f"tb={adapters['tb']}", "--pair", "ta,tb",
                "--steps", "0", "--no-progress", "-o", str(tmp_path / "d.png")])
     err = capsys.readouterr().err
-    assert rc == 1 and "--steps must be >= 1" in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 1 and "--steps must be an integer >= 1" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_an_output_path_that_is_a_folder_is_one_line(tmp_path, capsys):
