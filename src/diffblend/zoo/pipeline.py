@@ -32,7 +32,9 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->unet"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any) -> None:
+    # No annotations on the components: diffusers < 0.36 type-checks loaded components against them and,
+    # with this module's string annotations, failed with KeyError('text_encoder') in from_pretrained.
+    def __init__(self, unet, text_encoder, tokenizer, scheduler) -> None:  # noqa: ANN001
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
