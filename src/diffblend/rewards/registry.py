@@ -69,7 +69,8 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
 
 
 def _ensure_builtins() -> None:
-    from . import builtin  # noqa: F401  (registers the built-in rewards on import)
+    # registers the built-in rewards on import; the model rewards import their heavy packages lazily
+    from . import aesthetic, builtin, clip, hps, http, imagereward, ocr  # noqa: F401
 
 
 def available_rewards() -> list[str]:
