@@ -17,7 +17,7 @@ from ._loading import cached, features, load_pretrained, local_or_hub, parse_dty
 from ._preprocess import ImageTransform, batch_prompts, check_images
 from .registry import register_reward
 
-__all__ = ["ClipEmbedder", "load_clip", "clip_score", "pickscore"]
+__all__ = ["ClipEmbedder", "load_clip", "prompt_cosine", "clip_score", "pickscore"]
 
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
@@ -28,17 +28,23 @@ class ClipEmbedder:
     Both return L2-normalised float32 (B, D) embeddings on the model's device.
     """
 
-    def __init__(self, path: str, device: str | torch.device, dtype: torch.dtype, processor: str | None, what: str):
-        from transformers import AutoImageProcessor, CLIPModel
-
-        self.path, self.what = path, what
-        self.processor_path = processor or path
-        model = load_pretrained(CLIPModel, path, what)
+    def __init__(self, model: Any, transform: ImageTransform, tokenizer: str, device: str | torch.device,
+                 dtype: torch.dtype, what: str):
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.transform, self.tokenizer_path, self.what = transform, tokenizer, what
         self.device, self.dtype = torch.device(device), dtype
-        self.transform = ImageTransform.from_processor(load_pretrained(AutoImageProcessor, self.processor_path, what))
         self._tokenizer: Any = None
         self._text: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device, dtype: torch.dtype, processor: str | None,
+                        what: str) -> ClipEmbedder:
+        """A CLIPModel saved in ``path`` with its processor (or the processor in ``processor``)."""
+        from transformers import AutoImageProcessor, CLIPModel
+
+        model = load_pretrained(CLIPModel, path, what)
+        transform = ImageTransform.from_processor(load_pretrained(AutoImageProcessor, processor or path, what))
+        return cls(model, transform, processor or path, device, dtype, what)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unit image embeddings (the projection of the pooled CLS token)."""
@@ -52,7 +58,7 @@ class ClipEmbedder:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = load_pretrained(AutoTokenizer, self.processor_path, self.what)
+            self._tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_path, self.what)
         new = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if new:
             tok = self._tokenizer(new, padding=True, truncation=True,
@@ -73,10 +79,10 @@ def load_clip(path: Any, device: str | torch.device = "cpu", dtype: Any = None, 
     processor = local_or_hub(processor, what, "processor") if processor else None
     dt = parse_dtype(dtype)
     key = ("clip", path, processor, str(torch.device(device)), str(dt))
-    return cached(key, lambda: ClipEmbedder(path, device, dt, processor, what))
+    return cached(key, lambda: ClipEmbedder.from_pretrained(path, device, dt, processor, what))
 
 
-def _cosine(clip: ClipEmbedder, images: torch.Tensor, prompts: Any, what: str) -> torch.Tensor:
+def prompt_cosine(clip: ClipEmbedder, images: torch.Tensor, prompts: Any, what: str) -> torch.Tensor:
     prompts = batch_prompts(prompts, check_images(images).shape[0], what)
     return (clip.image_embeds(images) * clip.text_embeds(prompts)).sum(-1)  # (B,)
 
@@ -94,7 +100,7 @@ def clip_score(device: str | torch.device = "cpu", path: str = "openai/clip-vit-
     clip = load_clip(path, device, dtype, processor, "clip_score")
 
     def fn(images: torch.Tensor, prompts: Sequence[str], metadata: Any = None) -> tuple[torch.Tensor, dict]:
-        cos = _cosine(clip, images, prompts, "clip_score")
+        cos = prompt_cosine(clip, images, prompts, "clip_score")
         return (float(w) * cos.clamp(min=0)).to(images.device), {"cosine": cos.detach().to(images.device)}
 
     return fn
@@ -119,7 +125,7 @@ def pickscore(device: str | torch.device = "cpu", path: str = "yuvalkirstain/Pic
     scale = clip.model.logit_scale.detach().float().exp()
 
     def fn(images: torch.Tensor, prompts: Sequence[str], metadata: Any = None) -> tuple[torch.Tensor, dict]:
-        cos = _cosine(clip, images, prompts, "pickscore")
+        cos = prompt_cosine(clip, images, prompts, "pickscore")
         return (scale * cos - float(offset)).to(images.device), {"cosine": cos.detach().to(images.device)}
 
     return fn
