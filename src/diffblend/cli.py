@@ -15,7 +15,7 @@ import importlib.util
 import sys
 
 # In the order shown by --help. A module that is not there (yet) simply gives no command.
-COMMANDS = ("demo", "generate", "toy", "train_base", "finetune", "sweep", "report")
+COMMANDS = ("demo", "generate", "toy", "train_base", "finetune", "sweep", "report", "rewards")
 
 
 class UserError(Exception):
