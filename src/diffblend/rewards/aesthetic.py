@@ -47,7 +47,7 @@ def load_aesthetic_head(head: Any, device: str | torch.device = "cpu") -> Aesthe
 
 
 @register_reward("aesthetic", "LAION aesthetic predictor v2 on CLIP ViT-L/14: about 1..10, higher = more "
-                              "aesthetic (needs path=CLIP folder and head=MLP .pth/.safetensors)")
+                              "aesthetic (needs path=CLIP folder and head=MLP .pth/.safetensors)", needs_model=True)
 def aesthetic(device: str | torch.device = "cpu", path: str = "openai/clip-vit-large-patch14", head: Any = None,
               dtype: Any = None) -> Any:
     """LAION aesthetic score: ``MLP(E_image / |E_image|)`` with E_image the CLIP projected image embedding.

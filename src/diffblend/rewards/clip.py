@@ -88,7 +88,7 @@ def prompt_cosine(clip: ClipEmbedder, images: torch.Tensor, prompts: Any, what: 
 
 
 @register_reward("clip_score", "CLIPScore w * max(cos(image, prompt), 0) with w = 2.5: in [0, 2.5], higher = "
-                               "closer to the prompt (needs path=CLIP folder or hub id)")
+                               "closer to the prompt (needs path=CLIP folder or hub id)", needs_model=True)
 def clip_score(device: str | torch.device = "cpu", path: str = "openai/clip-vit-large-patch14", dtype: Any = None,
                w: float = 2.5, processor: str | None = None) -> Any:
     """CLIPScore (Hessel et al. 2021): ``w * max(cos(E_image, E_prompt), 0)``, with the paper's w = 2.5.
@@ -107,7 +107,7 @@ def clip_score(device: str | torch.device = "cpu", path: str = "openai/clip-vit-
 
 
 @register_reward("pickscore", "PickScore logit_scale.exp() * cos(image, prompt) - offset: about 15..25 for "
-                              "offset 0, higher = preferred by people (needs path=PickScore folder or hub id)")
+                              "offset 0, higher = preferred by people (needs path=PickScore folder or hub id)", needs_model=True)
 def pickscore(device: str | torch.device = "cpu", path: str = "yuvalkirstain/PickScore_v1", dtype: Any = None,
               offset: float = 0.0, processor: str | None = None) -> Any:
     """PickScore (Kirstain et al. 2023): ``exp(logit_scale) * cos(E_image, E_prompt) - offset``.

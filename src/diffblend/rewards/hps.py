@@ -49,7 +49,7 @@ def load_hps(path: Any, device: str | torch.device = "cpu", dtype: Any = None, t
 
 
 @register_reward("hpsv2", "HPS v2/v2.1: cosine of the fine-tuned open_clip ViT-H-14 image and prompt embeddings: "
-                          "about 0.2..0.35, higher = preferred by people (needs path=checkpoint or folder)")
+                          "about 0.2..0.35, higher = preferred by people (needs path=checkpoint or folder)", needs_model=True)
 def hpsv2(device: str | torch.device = "cpu", path: str | None = None, dtype: Any = None,
           tokenizer: str | None = None, head_width: int = 64) -> Any:
     """HPS v2 score: ``cos(E_image, E_prompt)`` (the diagonal of HPS's ``image_features @ text_features.T``

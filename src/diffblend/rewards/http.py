@@ -75,7 +75,7 @@ def _post(url: str, body: dict, timeout: float) -> dict:
 
 
 @register_reward("http", "a reward served by another process: images and prompts POSTed as JSON to url=..., "
-                         "scores back (range and direction: the server's); not differentiable")
+                         "scores back (range and direction: the server's); not differentiable", needs_model=True)
 def http_reward(device: str | torch.device = "cpu", url: str | None = None, timeout: float = 60.0,
                 allow_remote: bool = False, path: str | None = None) -> Any:
     """A reward computed by a server at ``url`` (see the module docstring for the JSON protocol).

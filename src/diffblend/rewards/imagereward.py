@@ -136,7 +136,7 @@ def load_imagereward(path: Any, device: str | torch.device = "cpu", dtype: Any =
 
 
 @register_reward("imagereward", "ImageReward (BLIP + MLP), normalised: about -2..2, higher = preferred by people "
-                                "(needs path=ImageReward.pt or its folder)")
+                                "(needs path=ImageReward.pt or its folder)", needs_model=True)
 def imagereward(device: str | torch.device = "cpu", path: str | None = None, dtype: Any = None,
                 tokenizer: str | None = None, heads: Sequence[int] | None = None) -> Any:
     """ImageReward score ``(MLP(h_CLS) - 0.16717) / 1.03334``: about -2..2, higher = preferred. Differentiable.

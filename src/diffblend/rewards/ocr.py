@@ -75,7 +75,7 @@ def _read(engine: Any, image: Any, min_confidence: float) -> str:
 
 @register_reward("ocr", 'Flow-GRPO OCR reward 1 - edit distance / length between the text read in the image and '
                         'the prompt\'s "quoted" text: in [0, 1], higher = rendered right; not differentiable '
-                        '(needs rapidocr-onnxruntime)')
+                        '(needs rapidocr-onnxruntime)', needs_model=True)
 def ocr(device: str | torch.device = "cpu", min_confidence: float = 0.0) -> Any:
     """OCR reward in [0, 1], higher = the image shows the prompt's quoted text (1 = found verbatim).
 

@@ -45,14 +45,19 @@ class RewardSpec:
     factory: Callable[..., RewardFn]
     description: str
     aliases: tuple[str, ...] = ()
+    needs_model: bool = False  # needs options (a model folder, a url) or a package: not in the default set
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_reward(name: str, description: str, aliases: Sequence[str] = ()) -> Callable:
-    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``)."""
+def register_reward(name: str, description: str, aliases: Sequence[str] = (), needs_model: bool = False) -> Callable:
+    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``).
+
+    ``needs_model``: the reward needs a model folder, a url or an extra package, so it is left out of
+    :func:`available_rewards`' default set (what sweeps and ``generate`` score with when not told).
+    """
 
     def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         for n in (name, *aliases):
@@ -60,7 +65,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
                 raise ValueError(f"reward name {n!r} is already registered")
             if not n or any(c in n for c in "=,"):
                 raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
-        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases))
+        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases), needs_model)
         for a in aliases:
             _ALIASES[a] = name
         return factory
@@ -73,10 +78,11 @@ def _ensure_builtins() -> None:
     from . import aesthetic, builtin, clip, hps, http, imagereward, ocr  # noqa: F401
 
 
-def available_rewards() -> list[str]:
-    """The canonical names of the registered rewards, sorted."""
+def available_rewards(include_models: bool = False) -> list[str]:
+    """The canonical names of the registered rewards that run without options, sorted (the default set
+    of sweeps and ``generate``); ``include_models=True`` adds those that need a model, url or package."""
     _ensure_builtins()
-    return sorted(_REGISTRY)
+    return sorted(n for n, s in _REGISTRY.items() if include_models or not s.needs_model)
 
 
 def reward_info() -> dict[str, str]:
