@@ -14,10 +14,9 @@ import importlib
 import importlib.util
 import sys
 
-from .versions import IncompatibleStack
 
 # In the order shown by --help. A module that is not there (yet) simply gives no command.
-COMMANDS = ("demo", "generate", "app", "toy", "train_base", "finetune", "sweep", "report")
+COMMANDS = ("demo", "generate", "app", "toy", "train_base", "finetune", "sweep", "report", "rewards")
 
 
 class UserError(Exception):
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffblend: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError, KeyError, TypeError, IncompatibleStack) as exc:  # OSError: a file / folder
+    except (UserError, ValueError, OSError, KeyError, TypeError, ImportError) as exc:  # OSError: a file / folder
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

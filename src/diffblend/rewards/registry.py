@@ -45,14 +45,19 @@ class RewardSpec:
     factory: Callable[..., RewardFn]
     description: str
     aliases: tuple[str, ...] = ()
+    needs_model: bool = False  # needs options (a model folder, a url) or a package: not in the default set
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_reward(name: str, description: str, aliases: Sequence[str] = ()) -> Callable:
-    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``)."""
+def register_reward(name: str, description: str, aliases: Sequence[str] = (), needs_model: bool = False) -> Callable:
+    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``).
+
+    ``needs_model``: the reward needs a model folder, a url or an extra package, so it is left out of
+    :func:`available_rewards`' default set (what sweeps and ``generate`` score with when not told).
+    """
 
     def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         for n in (name, *aliases):
@@ -60,7 +65,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
                 raise ValueError(f"reward name {n!r} is already registered")
             if not n or any(c in n for c in "=,"):
                 raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
-        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases))
+        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases), needs_model)
         for a in aliases:
             _ALIASES[a] = name
         return factory
@@ -69,13 +74,15 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
 
 
 def _ensure_builtins() -> None:
-    from . import builtin  # noqa: F401  (registers the built-in rewards on import)
+    # registers the built-in rewards on import; the model rewards import their heavy packages lazily
+    from . import aesthetic, builtin, clip, hps, http, imagereward, ocr  # noqa: F401
 
 
-def available_rewards() -> list[str]:
-    """The canonical names of the registered rewards, sorted."""
+def available_rewards(include_models: bool = False) -> list[str]:
+    """The canonical names of the registered rewards that run without options, sorted (the default set
+    of sweeps and ``generate``); ``include_models=True`` adds those that need a model, url or package."""
     _ensure_builtins()
-    return sorted(_REGISTRY)
+    return sorted(n for n, s in _REGISTRY.items() if include_models or not s.needs_model)
 
 
 def reward_info() -> dict[str, str]:
@@ -142,22 +149,28 @@ def combine_rewards(parts: Mapping[str, tuple[float, RewardFn]]) -> RewardFn:
 
 
 def weighted_reward(weights: Mapping[str, float], device: str | torch.device = "cpu",
-                    options: Mapping[str, Mapping[str, Any]] | None = None) -> RewardFn:
-    """r(w) = sum_i w_i r_i (the MORL oracle's reward) over registered rewards; see :func:`combine_rewards`."""
+                    options: Mapping[str, Mapping[str, Any]] | None = None, calibration: Any = None) -> RewardFn:
+    """r(w) = sum_i w_i r_i (the MORL oracle's reward) over registered rewards; see :func:`combine_rewards`.
+
+    ``calibration``: a manifest (see :mod:`.calibration`); every r_i is then (r_i - mean_i) / std_i.
+    """
     if not weights:
         raise ValueError("weights must name at least one reward")
     options = options or {}
-    return combine_rewards(
-        {name: (w, get_reward(name, device=device, **options.get(name, {}))) for name, w in weights.items()})
+    return combine_rewards({name: (w, get_reward(name, device=device, calibration=calibration,
+                                                 **options.get(name, {}))) for name, w in weights.items()})
 
 
-def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) -> RewardFn:
+def get_reward(name: str, device: str | torch.device = "cpu", calibration: Any = None, **options: Any) -> RewardFn:
     """Build a reward function.
 
     Args:
         name: a registered name or alias (see :func:`available_rewards`), a weighted sum written
             ``"name=w,other=w"``, or a folder holding a ``reward.json``.
         device: where the reward's model (if any) runs; images may come on any device.
+        calibration: None, or a calibration manifest (path) from :mod:`diffblend.rewards.calibration`:
+            the reward (each reward of a weighted sum) is standardised, (r - mean) / std, with the
+            statistics of its name in the file (an error if the file lacks it).
         options: passed to the factory.
 
     Raises:
@@ -170,14 +183,25 @@ def get_reward(name: str, device: str | torch.device = "cpu", **options: Any) ->
         if options:
             raise ValueError(f"reward {name!r} is a weighted sum: its rewards take no options here "
                              f"(got {sorted(options)}); use weighted_reward(weights, options={{name: {{...}}}})")
-        return weighted_reward(parse_reward_weights(name), device=device)
+        return weighted_reward(parse_reward_weights(name), device=device, calibration=calibration)
     try:
         key = canonical_name(name)
     except UnknownRewardError:
         if name.strip() and (os.sep in name or Path(name).is_dir()):  # a reward model kept in a local folder
-            return _from_folder(Path(name), device, options)
+            return _calibrate(_from_folder(Path(name), device, options), name, calibration)
         raise
-    return _REGISTRY[key].factory(device=device, **options)
+    return _calibrate(_REGISTRY[key].factory(device=device, **options), key, calibration)
+
+
+def _calibrate(fn: RewardFn, name: str, calibration: Any) -> RewardFn:
+    if calibration is None:
+        return fn
+    from .calibration import calibrated, load_calibration
+
+    stats = load_calibration(calibration)
+    if name not in stats:
+        raise ValueError(f"calibration {calibration} has no statistics for reward {name!r} (it has {sorted(stats)})")
+    return calibrated(fn, stats[name]["mean"], stats[name]["std"])
 
 
 def _from_folder(folder: Path, device: str | torch.device, options: Mapping[str, Any]) -> RewardFn:
