@@ -90,7 +90,7 @@ def check_call_kwargs(pipe: Any, kwargs: Mapping[str, Any]) -> None:
 
     try:
         params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):  # no signature to check against
+    except (AttributeError, TypeError, ValueError):  # not callable, or no signature to check against
         params = None
     if params is not None:
         kinds = {p.kind for p in params.values()}
