@@ -16,7 +16,7 @@ import sys
 
 
 # In the order shown by --help. A module that is not there (yet) simply gives no command.
-COMMANDS = ("demo", "generate", "app", "toy", "train_base", "finetune", "sweep", "report", "rewards")
+COMMANDS = ("demo", "generate", "app", "toy", "train_base", "finetune", "sweep", "report", "rewards", "calibrate")
 
 
 class UserError(Exception):

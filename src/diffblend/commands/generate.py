@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--oracles", action="store_true",
                    help="also load the shipped MORL oracle adapters (e.g. --weights morl_w0_5=1) for comparison")
     p.add_argument("--no-scores", action="store_true", help="do not print the rewards of the images")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="print the rewards standardised by a calibration manifest (diffblend calibrate): "
+                        "(r - mean) / std of the base model's images")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the saved grid (default 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=1,
@@ -117,11 +120,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_scores and args.model is None:
         from ..rewards import available_rewards
 
+        names = available_rewards()
+        if args.calibration:  # the rewards the manifest standardises
+            from ..rewards.calibration import load_calibration
+
+            names = [n for n in names if n in load_calibration(args.calibration)]
         parts = []
-        for name in available_rewards():
+        for name in names:
             try:
-                parts.append(f"{name} {float(score_images(images, batch, [name])[name].mean()):.4f}")
+                score = score_images(images, batch, [name], calibration=args.calibration)[name]
+                parts.append(f"{name} {float(score.mean()):.4f}")
             except ValueError:  # e.g. legibility of a prompt that names no digit
                 parts.append(f"{name} n/a")
-        print("mean rewards: " + ", ".join(parts))
+        print(("mean calibrated rewards (base-model sd units): " if args.calibration else "mean rewards: ")
+              + ", ".join(parts))
     return 0

@@ -152,11 +152,13 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Seq
 
 
 def score_images(images: torch.Tensor, prompts: Sequence[str], names: Sequence[str],
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """``{reward name: scores (B,)}`` for each registered reward in ``names``."""
+                 device: str | torch.device = "cpu", calibration: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """``{reward name: scores (B,)}`` for each registered reward in ``names`` (standardised with a
+    ``calibration`` manifest when given)."""
     from ..rewards import get_reward
 
-    return {n: get_reward(n, device=device)(images, list(prompts), None)[0].cpu() for n in names}
+    return {n: get_reward(n, device=device, calibration=calibration)(images, list(prompts), None)[0].cpu()
+            for n in names}
 
 
 def image_grid(images: torch.Tensor, ncols: int, scale: int = 4, pad: int = 1) -> torch.Tensor:
