@@ -26,10 +26,24 @@ def uint8_images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return (x * 255).round() / 255
 
 
+def pil_processor(kind: str = "clip"):
+    """transformers' PIL image processor for CLIP or BLIP: ``*ImageProcessorPil`` on 5.x; on 4.x the plain
+    ``*ImageProcessor`` is the PIL one."""
+    try:
+        if kind == "clip":
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+        else:
+            from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil as cls
+    except ImportError:  # transformers 4.x
+        from transformers import BlipImageProcessor, CLIPImageProcessor
+
+        cls = CLIPImageProcessor if kind == "clip" else BlipImageProcessor
+    return cls()
+
+
 def tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 16, logit_scale: float | None = None) -> Path:
     """A tiny CLIPModel + CLIPProcessor (PIL image processor with CLIP's defaults) saved in ``folder``."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     cfg = CLIPConfig(
         text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
@@ -41,7 +55,7 @@ def tiny_clip(folder: Path, seed: int = 0, projection_dim: int = 16, logit_scale
     if logit_scale is not None:
         model.logit_scale.data.fill_(logit_scale)
     model.save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=_tokenizer()).save_pretrained(folder)
+    CLIPProcessor(image_processor=pil_processor("clip"), tokenizer=_tokenizer()).save_pretrained(folder)
     return Path(folder)
 
 

@@ -338,9 +338,9 @@ def _bad_files(src, d):
 
 
 @pytest.mark.parametrize("file, want", [
-    ("truncated", r"is not a valid safetensors file \(Error while deserializing header: incomplete metadata, file "
-                  r"not fully covered\): truncated"),
-    ("random", r"is not a valid safetensors file \(Error while deserializing header: header too large\)"),
+    # the part in brackets is safetensors' own text (it differs between its versions)
+    ("truncated", r"is not a valid safetensors file \(Error while deserializing header: .*\): truncated"),
+    ("random", r"is not a valid safetensors file \(Error while deserializing header: .*\): truncated"),
     ("empty", r"is empty \(0 bytes\)"),
     ("pickled", r"is a PyTorch pickle saved under a \.safetensors name.*pass allow_pickle=True \(CLI: "
                 r"--allow-pickle\) if you trust it"),

@@ -336,15 +336,19 @@ def test_zoo_pipeline_works_unchanged(tmp_path):
         return bp(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                   generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
 
-    # an untrained model's outputs reach |x| ~ 70 here: float32 round-off is relative (~1e-6 per op), and two
-    # steps through a UNet amplify it (3.3e-4 at |x| ~ 7 was seen with another kernel's summation order)
+    # an untrained model's outputs reach |x| ~ 70 here: float32 round-off scales with the tensor's magnitude, not
+    # each element's, and two steps through a UNet amplify it (3.3e-4 with another GEMM kernel, 4.4e-3 with
+    # diffusers 0.35): compare relative to the largest value (1e-4 of it; a wrong blend differs by > 1e-2)
+    def close(x, ref):
+        assert (x - ref).abs().max() <= 1e-4 * ref.abs().max(), ((x - ref).abs().max(), ref.abs().max())
+
     seq = run(weights={"a": 0.4, "b": 0.6})
-    torch.testing.assert_close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq, atol=ATOL, rtol=1e-4)
+    close(run(weights={"a": 0.4, "b": 0.6}, mode="batched"), seq)
     _use(pipe.unet, "b")
     plain = bp.pipe(prompt=["7", "3"], num_inference_steps=2, guidance_scale=2.0, eta=1.0, output_type="latent",
                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
-    torch.testing.assert_close(run(weights={"b": 1.0}), plain, atol=ATOL, rtol=1e-4)
-    assert (seq - plain).abs().max() > 1e-2
+    close(run(weights={"b": 1.0}), plain)
+    assert (seq - plain).abs().max() > 100 * 1e-4 * seq.abs().max()  # the tolerance is far below a blend change
 
 
 def test_auto_mode_choice():

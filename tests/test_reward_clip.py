@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers_rewards import PROMPTS, offline, reference_clip_embeds, tiny_clip, uint8_images
+from helpers_rewards import PROMPTS, offline, reference_clip_embeds, tiny_clip, uint8_images, pil_processor
 
 from diffblend.rewards import get_reward
 from diffblend.rewards._loading import clear_cache
@@ -37,10 +37,8 @@ def test_transform_matches_processor(kind, shape):
     """Torch resize/crop/normalise vs transformers' PIL processors, in grey levels (x 255) of the [0, 1] image.
     The processor rounds PIL's resized image to uint8, so half a level is the floor; bicubic upscales
     (61x37 -> 384x384) differ by up to ~2.5 levels where PIL's 8-bit-precision weights round."""
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    proc = CLIPImageProcessorPil() if kind == "clip" else BlipImageProcessorPil()
+    proc = pil_processor(kind)
     x = uint8_images(2, *shape, seed=1)
     ref = torch.from_numpy(np.stack(proc(images=to_pil(x))["pixel_values"]))
     t = ImageTransform.from_processor(proc)

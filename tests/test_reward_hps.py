@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers_pipelines import _tokenizer
-from helpers_rewards import PROMPTS, offline, uint8_images
+from helpers_rewards import PROMPTS, offline, uint8_images, pil_processor
 
 from diffblend.rewards import get_reward
 from diffblend.rewards._loading import clear_cache
@@ -84,9 +84,8 @@ def _encode_text(sd, ids):
 
 @torch.no_grad()
 def _reference_hps(sd, tok, images, prompts):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    pixels = torch.tensor(CLIPImageProcessorPil()(images=to_pil(images), return_tensors="np")["pixel_values"])
+    pixels = torch.tensor(pil_processor("clip")(images=to_pil(images), return_tensors="np")["pixel_values"])
     ids = torch.zeros(len(prompts), CTX, dtype=torch.long)  # open_clip pads with 0 to the context length
     for i, p in enumerate(prompts):
         t = tok(p, truncation=True, max_length=CTX)["input_ids"]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_rewards import PROMPTS, offline, uint8_images
+from helpers_rewards import PROMPTS, offline, uint8_images, pil_processor
 
 from diffblend.rewards import get_reward
 from diffblend.rewards._loading import clear_cache
@@ -103,9 +103,8 @@ def _bert(sd, ids, mask, image):
 
 @torch.no_grad()
 def _reference(sd, tok, images, prompts):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    pixels = torch.tensor(CLIPImageProcessorPil()(images=to_pil(images), return_tensors="np")["pixel_values"])
+    pixels = torch.tensor(pil_processor("clip")(images=to_pil(images), return_tensors="np")["pixel_values"])
     t = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     h = _bert(sd, t["input_ids"], t["attention_mask"], _vit(sd, pixels))[:, 0]
     for i in (0, 2, 4, 6, 7):

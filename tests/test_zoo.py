@@ -57,7 +57,9 @@ def test_pipeline_call_shapes_outputs_and_cfg(tiny_pipe):
     a = tiny_pipe(["7", "3"], num_inference_steps=3, generator=[torch.Generator().manual_seed(i) for i in (0, 1)],
                   output_type="pt").images
     b = tiny_pipe(["3"], num_inference_steps=3, generator=[torch.Generator().manual_seed(1)], output_type="pt").images
-    assert torch.allclose(a[1], b[0], atol=1e-5)
+    # float32 round-off of another batch size, grown over 3 steps of an untrained UNet: 1.5e-6 with diffusers
+    # 0.42, 7.6e-5 with 0.35 (the floor); one 8-bit grey level is 3.9e-3
+    assert (a[1] - b[0]).abs().max() < 2e-4
     # guidance_scale 1 disables CFG: the UNet sees B rows, not 2B
     rows = []
     hook = tiny_pipe.unet.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
@@ -254,3 +256,32 @@ def test_shipped_tokenizer_files_tokenize_as_the_built_tokenizer():
     for p in prompts:
         assert shipped(p).input_ids == built(p).input_ids, p
     assert len(built("a digit 7").input_ids) == 5  # one token per known word, plus start and end
+
+
+def test_shipped_text_encoder_keys_load_on_transformers_4_and_5():
+    """transformers 4.x reads only ``text_model.``-prefixed CLIPTextModel keys (and silently starts from random
+    weights otherwise); the shipped file has them, and train-base writes them (portable_text_encoder_file)."""
+    from importlib import resources
+
+    from safetensors.torch import load_file
+
+    folder = resources.files("diffblend.zoo").joinpath("weights/base/text_encoder")
+    keys = list(load_file(str(folder.joinpath("model.safetensors"))))
+    assert keys and all(k.startswith("text_model.") for k in keys)
+
+
+def test_portable_text_encoder_file_keeps_the_model(tmp_path):
+    import torch
+    from transformers import CLIPTextModel
+
+    from diffblend.zoo.text import build_text_encoder, portable_text_encoder_file
+
+    model = build_text_encoder(vocab_size=600, seed=3).eval()
+    model.save_pretrained(tmp_path)
+    portable_text_encoder_file(tmp_path)
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("text_model.") for k in load_file(str(tmp_path / "model.safetensors")))
+    ids = torch.tensor([[0, 5, 9, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(CLIPTextModel.from_pretrained(tmp_path).eval()(ids)[0], model(ids)[0], atol=0, rtol=0)

@@ -124,6 +124,30 @@ def check_ranks(ranks: dict[str, int], meta: dict | None, name: str) -> None:
                            + "; ".join(bad[:3]) + more)
 
 
+def installed_config(meta: dict | None, name: str) -> dict | None:
+    """The metadata's LoraConfig as the installed peft / diffusers read it: fields this peft does not know
+    are dropped (a file written by a newer peft carries its new fields, at their defaults as a rule: a
+    warning names any that is set), and ``rank_pattern`` / ``alpha_pattern`` are present (diffusers < 0.36
+    indexes them, a minimal adapter_config.json may lack them)."""
+    if not meta:
+        return meta
+    import dataclasses
+
+    import peft
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = {k: v for k, v in meta.items() if k not in known}
+    set_ = {k: v for k, v in unknown.items() if v not in (None, False, "", [], {})}
+    if set_:
+        warnings.warn(f"adapter {name!r}: its LoraConfig sets {sorted(set_)} which peft {peft.__version__} does not "
+                      f"know; they are ignored (upgrade peft if the adapter needs them)", stacklevel=3)
+    out = {k: v for k, v in meta.items() if k in known}
+    out.setdefault("rank_pattern", {})
+    out.setdefault("alpha_pattern", {})
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """Silence the expected notices of a multi-adapter load (peft's "Already found a peft_config")."""
@@ -150,6 +174,7 @@ def _prepare(model: torch.nn.Module, name: str, path: str | Path, component: str
     sd = drop_kohya_text_encoders(sd, name, component, text_encoder)
     sd, alphas = convert(sd, model, component, pipeline_class, name, where)
     sd, meta = split_components(sd, meta, component, name, text_encoder)
+    meta = installed_config(meta, name)
     sd = _to_peft_keys(sd)
     ranks = check_fits(model, sd, name, component)
     check_ranks(ranks, meta, name)

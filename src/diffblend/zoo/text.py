@@ -18,7 +18,7 @@ MAX_LENGTH = 12  # tokens per prompt incl. <|startoftext|> / <|endoftext|>; temp
 HIDDEN = 32  # text embedding width = the UNet's cross_attention_dim
 
 __all__ = ["MAX_LENGTH", "HIDDEN", "build_tokenizer", "build_text_encoder", "text_encoder_config", "clip_tokenizer",
-           "write_vocab_files"]
+           "write_vocab_files", "portable_text_encoder_file"]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -96,6 +96,27 @@ def text_encoder_config(vocab_size: int) -> dict:
         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=HIDDEN,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
+
+
+def portable_text_encoder_file(folder: str | Path) -> None:
+    """Rewrite a saved CLIPTextModel's ``model.safetensors`` with the ``text_model.`` key prefix.
+
+    transformers 5 saves the keys without it and reads both; transformers 4.x only reads the prefixed keys
+    and, on the others, silently starts from random weights. With the prefix the file loads the same on both.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from .._io import atomic_write
+
+    path = Path(folder) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    sd = load_file(str(path))
+    if all(k.startswith("text_model.") for k in sd):
+        return
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0) -> Any:

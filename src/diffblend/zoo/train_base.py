@@ -25,6 +25,7 @@ import torch
 
 from .._io import atomic_write, atomic_write_json
 from .data import TEMPLATES, load_split, prompt_for
+from .text import portable_text_encoder_file
 
 __all__ = ["TrainBaseConfig", "train_base", "sample_quality", "training_batch", "diffusion_loss"]
 
@@ -274,6 +275,7 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
     pipe.text_encoder.eval()
     out_dir = run / "pipeline"
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    portable_text_encoder_file(out_dir / "text_encoder")  # loads on transformers 4.x too
     summary: dict[str, Any] = {"steps": step, "train_seconds": round(train_seconds, 1),
                                "first_loss": first_loss, "final_loss": final_loss,
                                "pipeline": str(out_dir), "eval": None}
