@@ -106,7 +106,11 @@ def test_an_output_path_that_is_a_folder_is_named_not_a_temp_file(tmp_path, caps
     folder = tmp_path / "out.png"
     folder.mkdir()
     rc, err = _err(capsys, ["generate", "--num-images", "1", "--steps", "1", "--no-scores", "-o", str(folder)])
-    assert rc == 1 and f"'{folder}' is a folder" in err and ".tmp" not in err
+    assert rc == 1 and f"-o '{folder}' is a folder" in err and ".tmp" not in err
+    from diffblend._io import atomic_write_text
+
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # the library's writes say so too
+        atomic_write_text(folder, "x")
 
 
 def test_output_format_follows_the_extension_or_is_refused(tmp_path, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MAX_SEED", "check_seed", "check_guidance_scale", "check_count"]
+__all__ = ["MAX_SEED", "check_seed", "check_guidance_scale", "check_count", "check_output_file"]
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
@@ -41,3 +41,18 @@ def check_count(value: object, arg: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{arg} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_output_file(path: str, arg: str = "-o") -> str:
+    """``path`` if a file can be written there (not a folder, no parent that is a file), checked before any work."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{arg} {path!r} is a folder; give a file name (e.g. {str(p / 'out.png')!r})")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{arg} {path!r}: {str(parent)!r} is a file, not a folder")
+            break
+    return path

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo.demo import blend_sweep, demo_figure, format_table, reward_names_for
     from ..zoo.generate import load_blend_pipeline, resolve_weight_names, shipped_adapters
     from ._util import check_device
-    from ..checks import check_count, check_guidance_scale, check_seed
+    from ..checks import check_count, check_guidance_scale, check_output_file, check_seed
     from ..zoo.demo import figure_format
     from .generate import merge_adapters, parse_adapters
 
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, args.num_images, "--seed")
     check_guidance_scale(args.guidance_scale, "--guidance-scale")
     figure_format(args.output, "-o")
+    check_output_file(args.output, "-o")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:

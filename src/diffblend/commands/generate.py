@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
         score_images, shipped_adapters
-    from ..checks import check_count, check_guidance_scale, check_seed
+    from ..checks import check_count, check_guidance_scale, check_output_file, check_seed
     from ..zoo.generate import image_format
     from ._util import check_device, parse_weights
 
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, args.num_images * len(args.prompt or ["7"]), "--seed")
     check_guidance_scale(args.guidance_scale, "--guidance-scale")
     image_format(args.output, "-o")
+    check_output_file(args.output, "-o")
     if not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.scale < 1:
