@@ -138,7 +138,8 @@ def installed_config(meta: dict | None, name: str) -> dict | None:
 
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = {k: v for k, v in meta.items() if k not in known}
-    set_ = {k: v for k, v in unknown.items() if v not in (None, False, "", [], {})}
+    bookkeeping = {"peft_version", "revision", "base_model_name_or_path", "auto_mapping", "task_type"}
+    set_ = {k: v for k, v in unknown.items() if v not in (None, False, "", [], {}) and k not in bookkeeping}
     if set_:
         warnings.warn(f"adapter {name!r}: its LoraConfig sets {sorted(set_)} which peft {peft.__version__} does not "
                       f"know; they are ignored (upgrade peft if the adapter needs them)", stacklevel=3)
