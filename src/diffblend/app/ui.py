@@ -30,7 +30,8 @@ def _page_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, KeyError) as exc:
-            raise gr.Error(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise gr.Error(message, print_exception=False) from None  # the page shows it; no server traceback
     return wrapped
 
 
