@@ -28,6 +28,7 @@ from .config import FinetuneConfig
 from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight, transition_kl
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
+from ..core.sampling import map_cond
 from .reward import RewardFn, resolve_reward
 from .._io import atomic_write_text
 
@@ -89,12 +90,14 @@ def _flat_info(info: dict | None, prefix: str = "") -> dict:
     return out
 
 
-def load_policy(model: str | None, device: torch.device | str) -> DiffusionPolicy:
-    """The policy for ``model``: a diffusers pipeline folder (hub ids need network access), or None
-    for the embedded digits model. Loading goes through the same loader as ``diffblend generate``."""
+def load_policy(model: str | None, device: torch.device | str, decode_chunk: int | None = None) -> DiffusionPolicy:
+    """The policy for ``model``: a diffusers pipeline folder of any supported family (SD 1.5, SDXL,
+    SD3; hub ids need network access), or None for the embedded digits model. Loading goes through
+    the same loader as ``diffblend generate``."""
     from diffblend.zoo.generate import load_pipeline  # lazy: the trainer itself needs no zoo
 
-    return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device)
+    return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device,
+                                         decode_chunk=decode_chunk)
 
 
 def finetune(
@@ -128,7 +131,7 @@ def finetune(
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     main = acc.is_main_process
     if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
         raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
@@ -165,8 +168,10 @@ def finetune(
     # before the model: fail fast on a bad name
     reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
     monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
-    policy = policy or load_policy(cfg.model, acc.device)
+    policy = policy or load_policy(cfg.model, acc.device, cfg.decode_chunk)
     unet = policy.unet.to(acc.device)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
     params = lora_parameters(unet)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
@@ -183,9 +188,11 @@ def finetune(
         _write_jsonl_prefix(run_dir / "metrics.jsonl", start_epoch)
 
     plain_model = unet_denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
-    uncond = policy.encode([""]).to(acc.device) if cfg.guidance_scale != 1.0 else None
+    uncond = map_cond(policy.uncond(), lambda v: v.to(acc.device)) if cfg.guidance_scale != 1.0 else None
     n_train = max(1, int(round(cfg.timestep_fraction * cfg.num_steps)))
-    g_kw = dict(eta=cfg.eta, guidance_scale=cfg.guidance_scale, uncond=uncond)
+    # the step's stochasticity: DDIM's eta, or the flow SDE's noise level for flow-matching models
+    g_kw = dict(eta=cfg.noise_level if policy.is_flow else cfg.eta, guidance_scale=cfg.guidance_scale,
+                uncond=uncond)
 
     from tqdm.auto import tqdm
 
@@ -237,7 +244,7 @@ def finetune(
     bar.close()
 
     if main and end_epoch == cfg.epochs:
-        save_lora(unet, out)
+        save_lora(unet, out, pipeline_class=policy.pipeline_class, component=policy.component)
     acc.wait_for_everyone()
     return FinetuneResult(adapter=out, epochs=end_epoch, metrics=rows)
 
@@ -251,9 +258,8 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     trajectory), clipfrac, approx_kl, grad_norm.
     """
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
-    ts = ro.timesteps
-    prev_ts = [ts[i + 1] if i + 1 < N else torch.tensor(-1) for i in range(N)]
-    weights = [step_weight(policy.schedule, ts[i], prev_ts[i], cfg.eta) if cfg.step_weighting == "pred" else 1.0
+    ts, prev_ts = zip(*policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
+    weights = [step_weight(policy, ts[i], prev_ts[i], g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
                for i in range(N)]
     train_model, plain_model = unet_denoiser(ddp_unet), unet_denoiser(unet)
     sums: dict[str, float] = {}
@@ -266,12 +272,12 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     for _ in range(cfg.inner_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, cfg.minibatch_size):
-            rows = perm[start:start + cfg.minibatch_size].to(ro.cond.device)
+            rows = perm[start:start + cfg.minibatch_size].to(ro.latents.device)
             steps = torch.randperm(N, generator=gen)[:n_train].tolist()
             for k, i in enumerate(steps):
                 t, prev_t = ts[i], prev_ts[i]
                 x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
-                cond = ro.cond[rows]
+                cond = map_cond(ro.cond, lambda v: v[rows])
                 with torch.no_grad(), base_model(unet):
                     pre, eps_pre = evaluate_transition(plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
                 # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
