@@ -163,3 +163,22 @@ def model_from_pipeline(cls: type, pipe: Any, device: Any = None, decode_chunk: 
     return cls(network=network, encode=encode, decode=vae_decoder(getattr(pipe, "vae", None), decode_chunk),
                latent_shape=(network.config.in_channels, h, w), uncond_fn=uncond, component=component,
                pipeline_class=type(pipe), family=family, **_schedule_kwargs(pipe, family))
+
+
+def absent_components(folder: Any) -> dict[str, None]:
+    """``{name: None}`` for the components a pipeline folder's class takes but its model_index.json
+    does not list or lists as ``[null, null]`` (e.g. SD3 saved without its T5: ``text_encoder_3`` /
+    ``tokenizer_3``, which diffusers 0.42 then refuses to load unless passed), so that
+    ``from_pretrained(folder, **absent_components(folder))`` loads it as it was saved."""
+    import importlib
+    import inspect
+    import json
+    from pathlib import Path
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    cls = getattr(importlib.import_module("diffusers"), str(index.get("_class_name")), None)
+    if cls is None:
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {n: None for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
+            and p.kind is p.POSITIONAL_OR_KEYWORD and (index.get(n) or [None])[0] is None}

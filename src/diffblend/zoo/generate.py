@@ -67,8 +67,11 @@ def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") 
         raise FileNotFoundError(f"--model {model!r}: not a diffusers pipeline folder (no model_index.json)")
     from diffusers import DiffusionPipeline  # a folder or a hub id (the hub needs network access)
 
+    from ..families import absent_components
+
+    absent = absent_components(path) if path.is_dir() else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model)
+        pipe = DiffusionPipeline.from_pretrained(model, **absent)
     except OSError as exc:  # no such folder / hub id, or no network: one line, not a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileNotFoundError(f"--model {model!r}: cannot load it as a diffusers pipeline ({first})") from exc

@@ -1,0 +1,93 @@
+"""The one model interface (diffblend.model) on tiny SD 1.5, SDXL and SD3 pipelines: conditioning as
+the pipelines build it, and ``diffblend finetune --model DIR`` on folders saved with save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers_pipelines import tiny_sd, tiny_sd3, tiny_sdxl
+
+from diffblend.cli import main
+from diffblend.model import DiffusionModel
+
+BUILDERS = {"sd": lambda d: tiny_sd(d), "sdxl": lambda d: tiny_sdxl(d), "sd3": lambda d: tiny_sd3()}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def saved(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    BUILDERS[request.param](folder).save_pretrained(folder)  # SD3: without its T5 (no index entry)
+    return request.param, folder
+
+
+def _load(folder):
+    from diffblend.zoo.generate import load_pipeline
+
+    return load_pipeline(str(folder))
+
+
+def test_model_matches_the_pipelines_own_denoising_loop(saved):
+    """One deterministic step of DiffusionModel (its encode, uncond, guidance, grid, transition,
+    decode) equals the pipeline's own __call__ with one step, to float32 round-off (1e-4: the same
+    ops in a different order)."""
+    family, folder = saved
+    pipe = _load(folder)
+    model = DiffusionModel.from_pipeline(pipe)
+    assert model.family == family and model.is_flow == (family == "sd3")
+    x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts = ["ab", "c"]
+    den = model.guide(model.denoiser(), 3.0)
+    out = model.sample(den, x.clone(), model.grid(1), model.encode(prompts), 0.0)
+    kw = {} if family == "sd3" else {"eta": 0.0}
+    ref = pipe(prompts, num_inference_steps=1, guidance_scale=3.0, latents=x.clone(), output_type="latent",
+               **kw).images
+    assert torch.allclose(out.sample, ref, atol=1e-4)
+    assert not torch.allclose(out.sample, x, atol=1e-2)  # the step did something
+    img = model.decode(out.sample)
+    assert img.shape == (2, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+def test_decode_in_chunks_equals_whole_batch(saved, chunk):
+    _, folder = saved
+    pipe = _load(folder)
+    whole = DiffusionModel.from_pipeline(pipe)
+    part = DiffusionModel.from_pipeline(pipe, decode_chunk=chunk)
+    z = torch.randn(3, *whole.latent_shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(whole.decode(z), part.decode(z), atol=1e-6)
+
+
+def test_finetune_command_on_each_family(saved, tmp_path):
+    """``diffblend finetune --model DIR`` trains (2 epochs, 2 steps; flow models through the SDE),
+    writes an adapter that the pipeline's own load_lora_weights loads, and the LoRA weights moved."""
+    from safetensors.torch import load_file
+
+    family, folder = saved
+    run = tmp_path / "run"
+    args = ["finetune", "--model", str(folder), "--reward", "boldness", "--kl", "0.1", "--run-dir", str(run),
+            "--epochs", "2", "--prompts-per-epoch", "1", "--samples-per-prompt", "2", "--steps", "2",
+            "--minibatch-size", "2", "--prompts", "a,b", "--lr", "0.05", "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    pipe = _load(folder)
+    pipe.load_lora_weights(str(run / "adapter.safetensors"), adapter_name="boldness")
+    net = pipe.transformer if family == "sd3" else pipe.unet
+    assert "boldness" in net.peft_config
+    state = load_file(str(run / "adapter.safetensors"))
+    prefix = "transformer." if family == "sd3" else "unet."
+    assert all(k.startswith(prefix) for k in state)
+    # peft initialises lora_B to zero: trained B weights are not
+    assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
+
+
+def test_flux_pipelines_are_refused_with_a_clear_error():
+    from diffblend.families import pipeline_family
+
+    class FluxPipeline:
+        transformer = object()
+
+    with pytest.raises(ValueError, match="Flux"):
+        pipeline_family(FluxPipeline())
