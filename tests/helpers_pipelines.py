@@ -135,7 +135,7 @@ def tiny_sd3(seed: int = 0, shift: float = 3.0):
 def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, alpha: float = 8.0,
                      targets: list[str] | None = None, use_dora: bool = False,
                      text_encoder: bool = False, lora_bias: bool = False) -> Path:
-    """Write a LoRA for ``pipe.unet`` with ``type(pipe).save_lora_weights`` and return the file path.
+    """Write a LoRA for ``pipe.unet`` (or ``pipe.transformer``) with ``type(pipe).save_lora_weights``; return the file path.
 
     lora_B is random (peft initialises it to zero, which would make every adapter equal to the base),
     scaled so that the adapters change the predictions by a few percent. The adapter is removed from
@@ -144,7 +144,8 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = pipe.unet
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    unet = getattr(pipe, component)
     name = f"tmp{seed}"
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, init_lora_weights=False,
                      use_dora=use_dora, lora_bias=lora_bias)
@@ -155,7 +156,7 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
             if f"lora_A.{name}" in mod_name or f"lora_B.{name}" in mod_name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     sd = get_peft_model_state_dict(unet, adapter_name=name)
-    kwargs = {"unet_lora_layers": sd, "unet_lora_adapter_metadata": cfg.to_dict()}
+    kwargs = {f"{component}_lora_layers": sd, f"{component}_lora_adapter_metadata": cfg.to_dict()}
     te_name = None
     if text_encoder:
         te_cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

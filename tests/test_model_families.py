@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers_pipelines import tiny_sd, tiny_sd3, tiny_sdxl
+from helpers_pipelines import save_random_lora, tiny_sd, tiny_sd3, tiny_sdxl
 
 from diffblend.cli import main
 from diffblend.model import DiffusionModel
@@ -81,6 +81,38 @@ def test_finetune_command_on_each_family(saved, tmp_path):
     assert all(k.startswith(prefix) for k in state)
     # peft initialises lora_B to zero: trained B weights are not
     assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)
+
+
+def test_sweep_command_on_each_family(saved, tmp_path):
+    """``diffblend sweep --model DIR --adapter R=PATH`` runs the blend methods (flow models: the flow SDE)
+    and writes one record per image and setting; blends differ from the base."""
+    from diffblend.evaluate.records import read_records
+
+    family, folder = saved
+    pipe = _load(folder)
+    a = save_random_lora(pipe, tmp_path / "a", seed=1)
+    b = save_random_lora(pipe, tmp_path / "b", seed=2)
+    out = tmp_path / "records.jsonl"
+    args = ["sweep", "--model", str(folder), "--adapter", f"boldness={a}", "--adapter", f"jpeg_compressibility={b}",
+            "--score", "boldness", "--rewards", "boldness,jpeg_compressibility", "--methods", "base,mpa,ls,soup",
+            "--weights", "0.5", "--prompts", "a", "--seeds", "2", "--steps", "2", "--no-progress", "-o", str(out)]
+    assert main(args) == 0
+    recs = read_records(out)
+    assert len(recs) == 4 * 2 and {r["method"] for r in recs} == {"base", "mpa", "ls", "soup"}
+    by = {(r["method"], r["seed"]): r["rewards"]["boldness"] for r in recs}
+    assert by[("mpa", 0)] != by[("base", 0)]
+
+
+def test_rgg_and_code_refuse_flow_models(tmp_path):
+    from diffblend.evaluate.methods import Setting, generate
+    from diffblend.evaluate.pipelines import DiffusersBackend
+
+    pipe = tiny_sd3()
+    backend = DiffusersBackend(pipe, {"boldness": save_random_lora(pipe, tmp_path / "a", seed=1)}, ["boldness"],
+                               num_steps=2)
+    for method in ("rgg", "code"):
+        with pytest.raises(ValueError, match="flow matching"):
+            generate(backend, Setting.make(method, {"boldness": 1.0}), ["a"], [0])
 
 
 def test_flux_pipelines_are_refused_with_a_clear_error():

@@ -58,4 +58,5 @@ def blend_denoiser(model: torch.nn.Module, blend: Blend | None, *, mode: str = "
         return pred_u + guidance_scale * (pred_c - pred_u)
 
     denoiser.blend = blend  # type: ignore[attr-defined]
+    denoiser.groups = groups  # type: ignore[attr-defined]  (core.cfg_denoiser checks it for LS)
     return denoiser
