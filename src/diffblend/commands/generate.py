@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..generation import parse_adapters  # noqa: F401  (re-exported: demo and app import it from here)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -52,19 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_adapters(items: list[str]) -> dict[str, str]:
-    """``["a=path", ...]`` -> ``{"a": "path"}`` (the ``--adapter`` values)."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"--adapter {item!r} is malformed; expected NAME=PATH, e.g. legibility=adapters/leg.safetensors")
-        if name.strip() in out:
-            raise ValueError(f"--adapter names {name.strip()!r} twice")
-        out[name.strip()] = path.strip()
-    return out
-
-
 def merge_adapters(shipped: dict, extra: dict[str, str], replace: bool, flag: str = "--replace-shipped") -> dict:
     """``shipped`` plus the user's ``extra`` adapters; a user adapter may replace a shipped one only with ``replace``."""
     clash = sorted(set(shipped) & set(extra))
@@ -78,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from ._util import set_threads
 
     set_threads(args.threads)
-    from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
+    from ..generation import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
         score_images, shipped_adapters
     from ..checks import check_count, check_guidance_scale, check_seed
-    from ..zoo.generate import image_format
+    from ..generation import image_format
     from ._util import check_device, parse_weights
 
     check_device(args.device)

@@ -193,11 +193,11 @@ def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20
     entry gives ``"weights"`` (``{reward: w}``) or whose name is ``morl[...]`` / ``morl_...`` with a
     weight spec is a MORL oracle. ``rewards`` defaults to every registered reward.
     """
+    from ..generation import load_pipeline
     from ..rewards import available_rewards, canonical_name
-    from ..zoo import load_default_pipeline
 
     per_reward, oracles = shipped_adapter_roles()
-    pipe = load_default_pipeline(device=device)
+    pipe = load_pipeline(None, device=device)
     names = list(rewards) if rewards else available_rewards()
     names = [canonical_name(n) for n in names]
     return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
@@ -209,18 +209,15 @@ def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float
     """Split the shipped adapters into ``{reward: path}`` and ``[(w, path)]`` MORL oracles."""
     import json
     import re
-    from importlib import resources
 
+    from ..registry import default_model
     from ..rewards import canonical_name, parse_reward_weights
-    from ..zoo.generate import shipped_adapters
 
-    try:
-        files = shipped_adapters(include_oracles=True)
-    except TypeError:  # an older loader that always listed every adapter
-        files = shipped_adapters()
-    folder = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
+    model = default_model()
+    files = model.adapters(True)
+    folder = model.adapters_dir
     manifest = {}
-    if (folder / "manifest.json").is_file():
+    if folder is not None and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text()).get("adapters", {})
     per_reward: dict[str, Path] = {}
     oracles: list[tuple[dict[str, float], Path]] = []

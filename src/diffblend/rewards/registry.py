@@ -70,6 +70,9 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
 
 def _ensure_builtins() -> None:
     from . import builtin  # noqa: F401  (registers the built-in rewards on import)
+    from ..registry import load_plugins
+
+    load_plugins()  # plug-ins' rewards (the zoo's legibility)
 
 
 def available_rewards() -> list[str]:

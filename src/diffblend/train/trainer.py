@@ -94,7 +94,7 @@ def load_policy(model: str | None, device: torch.device | str, decode_chunk: int
     """The policy for ``model``: a diffusers pipeline folder of any supported family (SD 1.5, SDXL,
     SD3; hub ids need network access), or None for the embedded digits model. Loading goes through
     the same loader as ``diffblend generate``."""
-    from diffblend.zoo.generate import load_pipeline  # lazy: the trainer itself needs no zoo
+    from ..generation import load_pipeline
 
     return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device,
                                          decode_chunk=decode_chunk)
