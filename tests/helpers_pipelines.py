@@ -63,12 +63,12 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _vae(seed: int):
+def _vae(seed: int, **kwargs):
     from diffusers import AutoencoderKL
 
     return _seeded(seed, lambda: AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16).eval())
+                         norm_num_groups=4, sample_size=16, **kwargs).eval())
 
 
 def _scheduler():
@@ -125,7 +125,8 @@ def tiny_sd3(seed: int = 0, shift: float = 3.0):
         pos_embed_max_size=8).eval())
     tok = _tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=_vae(seed + 1),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=_vae(seed + 1, scaling_factor=1.5, shift_factor=0.1),  # SD3's VAE has both; its __call__ needs the shift
         text_encoder=_text_encoder(True, seed + 2), tokenizer=tok, text_encoder_2=_text_encoder(True, seed + 3),
         tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)

@@ -41,12 +41,13 @@ def test_model_matches_the_pipelines_own_denoising_loop(saved):
     den = model.guide(model.denoiser(), 3.0)
     out = model.sample(den, x.clone(), model.grid(1), model.encode(prompts), 0.0)
     kw = {} if family == "sd3" else {"eta": 0.0}
-    ref = pipe(prompts, num_inference_steps=1, guidance_scale=3.0, latents=x.clone(), output_type="latent",
-               **kw).images
+    call = dict(num_inference_steps=1, guidance_scale=3.0, **kw)
+    ref = pipe(prompts, latents=x.clone(), output_type="latent", **call).images
+    ref_img = pipe(prompts, latents=x.clone(), output_type="pt", **call).images
     assert torch.allclose(out.sample, ref, atol=1e-4)
     assert not torch.allclose(out.sample, x, atol=1e-2)  # the step did something
-    img = model.decode(out.sample)
-    assert img.shape == (2, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
+    img = model.decode(out.sample)  # the pipeline's decode (scaling, SD3's shift) and [-1, 1] -> [0, 1]
+    assert img.shape == (2, 3, 16, 16) and torch.allclose(img, ref_img, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [1, None])
@@ -101,6 +102,19 @@ def test_sweep_command_on_each_family(saved, tmp_path):
     assert len(recs) == 4 * 2 and {r["method"] for r in recs} == {"base", "mpa", "ls", "soup"}
     by = {(r["method"], r["seed"]): r["rewards"]["boldness"] for r in recs}
     assert by[("mpa", 0)] != by[("base", 0)]
+
+
+def test_generate_command_on_each_family(saved, tmp_path):
+    """``diffblend generate --model DIR --adapter ... --weights ...`` writes the grid for every family."""
+    family, folder = saved
+    pipe = _load(folder)
+    a = save_random_lora(pipe, tmp_path / "a", seed=1)
+    b = save_random_lora(pipe, tmp_path / "b", seed=2)
+    out = tmp_path / "grid.png"
+    args = ["generate", "--model", str(folder), "--adapter", f"one={a}", "--adapter", f"two={b}", "--weights",
+            "one=0.3,two=0.7", "--prompt", "ab", "--num-images", "2", "--steps", "2", "--no-scores", "-o", str(out)]
+    assert main(args) == 0
+    assert out.is_file() and out.stat().st_size > 0
 
 
 def test_rgg_and_code_refuse_flow_models(tmp_path):

@@ -187,7 +187,7 @@ def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[s
 
 def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None,
              *, kl_strength: float | Sequence[float] = 1.0, method: str = "mpa", seed: int | Sequence[int] = 0,
-             num_inference_steps: int = 20, guidance_scale: float = 2.0, eta: float = 1.0, normalize: bool = False,
+             num_inference_steps: int = 20, guidance_scale: float = 2.0, eta: float | None = 1.0, normalize: bool = False,
              ls_draws: str = "iid", callback_on_step_end: Any = None) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] for ``prompts`` under a blend.
 
@@ -196,7 +196,8 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Seq
     (paired comparisons). With a list of per-image seeds, image j uses ``seed[j]`` and its LS draws
     are keyed on it (``sample_keys``, ``blend_seed = 0``), so image j is the same in any batch.
     ``weights=None`` is the base model; a list of B dicts blends image j with ``weights[j]`` in the
-    same batched call (:class:`~diffblend.core.rows.RowBlend`).
+    same batched call (:class:`~diffblend.core.rows.RowBlend`). ``eta=None`` passes no eta (flow-matching
+    pipelines such as SD3 take none: their scheduler decides, e.g. ``FlowMatchSDEScheduler``).
     """
     seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed) + j for j in range(len(prompts))]
     if len(seeds) != len(prompts):
@@ -206,10 +207,12 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Seq
         weights = [dict(w) for w in weights] if is_per_row(weights) else dict(weights)
     per_image = isinstance(seed, Sequence)
     extra = {} if callback_on_step_end is None else {"callback_on_step_end": callback_on_step_end}
+    if eta is not None:
+        extra["eta"] = eta
     out = bp(prompt=list(prompts), weights=weights, kl_strength=kl_strength, method=method,
              blend_seed=0 if per_image else int(seed), sample_keys=seeds if per_image and method == "ls" else None,
              normalize=normalize, ls_draws=ls_draws, num_inference_steps=num_inference_steps,
-             guidance_scale=guidance_scale, eta=eta, generator=gens, output_type="pt", **extra)
+             guidance_scale=guidance_scale, generator=gens, output_type="pt", **extra)
     images = out.images if hasattr(out, "images") else out[0]
     if not isinstance(images, torch.Tensor):  # a pipeline that ignores output_type="pt"
         import numpy as np
