@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "save_random_lora", "LORA_TARGETS"]
+__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "save_random_lora", "LORA_TARGETS"]
 
 
 # Attention projections, the transformer's in/out projections and the resnets' time projections
@@ -170,3 +170,38 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
     if te_name is not None:
         pipe.text_encoder.delete_adapter(te_name)
     return out / "lora.safetensors"
+
+
+def _t5_tokenizer():
+    """A T5TokenizerFast built offline: a unigram model over lower-case letters, digits and space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789 ▁"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=16)
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = False):
+    """A FluxPipeline: CLIP (pooled) + a one-layer T5 (offline tokenizer), a one-block Flux transformer on
+    2x2-packed latents, FlowMatchEulerDiscreteScheduler with Flux's dynamic shift; default size 16x16
+    pixels (default_sample_size set to 8: not saved with the folder), 8x8x4 latents = 16 tokens of 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4)).eval())
+    t5 = _seeded(seed + 4, lambda: T5EncoderModel(T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                                           num_heads=4, pad_token_id=0, eos_token_id=1)).eval())
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                            base_shift=0.5, max_shift=1.15, shift=3.0)
+    pipe = FluxPipeline(scheduler=sched, vae=_vae(seed + 1, scaling_factor=1.5, shift_factor=0.1),
+                        text_encoder=_text_encoder(False, seed + 2), tokenizer=_tokenizer(), text_encoder_2=t5,
+                        tokenizer_2=_t5_tokenizer(), transformer=transformer)
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

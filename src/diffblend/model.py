@@ -40,13 +40,20 @@ def cond_kwargs(cond: Any) -> dict:
     return dict(cond) if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
-def network_denoiser(network: Callable) -> Denoiser:
+Prepare = Callable[[torch.Tensor, torch.Tensor, Any], dict]
+
+
+def network_denoiser(network: Callable, prepare: Prepare | None = None) -> Denoiser:
     """The core's denoiser contract over a diffusers UNet / transformer: ``(x_t, t, cond) -> prediction``.
 
     ``network`` may be wrapped (DistributedDataParallel under accelerate): only its call is used.
+    ``prepare(x, t, cond) -> kwargs``: the network's whole keyword arguments, for families whose call
+    needs more than ``(x, timestep=t, **cond)`` (Flux: ids from the shapes, timestep / 1000).
     """
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        if prepare is not None:
+            return network(**prepare(x, t, cond), return_dict=False)[0]
         return network(x, timestep=t, **cond_kwargs(cond), return_dict=False)[0]
 
     return denoiser
@@ -68,6 +75,8 @@ class DiffusionModel:
         uncond_fn: the unconditional conditioning (batch 1); default ``encode([""])``.
         component, pipeline_class: where adapter files go (``unet`` / ``transformer``) and the
             pipeline class whose ``save_lora_weights`` writes them.
+        prepare: ``(x, t, cond) -> the network's keyword arguments`` when the plain call does not
+            fit (Flux); see :func:`network_denoiser`.
     """
 
     network: torch.nn.Module
@@ -83,6 +92,7 @@ class DiffusionModel:
     component: str = "unet"
     pipeline_class: Any = None
     family: str = "custom"
+    prepare: Prepare | None = None
     _uncond: Any = field(default=None, repr=False)
 
     # -- identity ---------------------------------------------------------------------------------
@@ -117,7 +127,7 @@ class DiffusionModel:
 
     def denoiser(self, network: Callable | None = None) -> Denoiser:
         """``(x_t, t, cond) -> prediction`` of ``network`` (default this model's; e.g. its DDP wrapper)."""
-        return network_denoiser(self.network if network is None else network)
+        return network_denoiser(self.network if network is None else network, self.prepare)
 
     def guide(self, denoiser: Denoiser, guidance_scale: float, uncond: Any = None) -> Denoiser:
         """``denoiser`` with classifier-free guidance (``core.cfg_denoiser``; the unconditional

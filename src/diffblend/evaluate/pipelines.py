@@ -118,7 +118,7 @@ class DiffusersBackend(Backend):
         return self.model.encode(list(prompts))
 
     def denoiser(self, blend: Blend | None):
-        inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1)
+        inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1, prepare=self.model.prepare)
         return self.model.guide(inner, self.guidance_scale if self._cfg else 1.0)
 
     def sample(self, denoiser, x: torch.Tensor, cond, *, eta: float, generators) -> SampleOutput:

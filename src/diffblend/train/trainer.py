@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, s
 from .config import FinetuneConfig
 from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight, transition_kl
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
-from .policy import DiffusionPolicy, unet_denoiser
+from .policy import DiffusionPolicy
 from ..core.sampling import map_cond
 from .reward import RewardFn, resolve_reward
 from .._io import atomic_write_text
@@ -187,7 +187,7 @@ def finetune(
         cfg.save(run_dir / "config.json")
         _write_jsonl_prefix(run_dir / "metrics.jsonl", start_epoch)
 
-    plain_model = unet_denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
+    plain_model = policy.denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
     uncond = map_cond(policy.uncond(), lambda v: v.to(acc.device)) if cfg.guidance_scale != 1.0 else None
     n_train = max(1, int(round(cfg.timestep_fraction * cfg.num_steps)))
     # the step's stochasticity: DDIM's eta, or the flow SDE's noise level for flow-matching models
@@ -261,7 +261,7 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     ts, prev_ts = zip(*policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
     weights = [step_weight(policy, ts[i], prev_ts[i], g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
                for i in range(N)]
-    train_model, plain_model = unet_denoiser(ddp_unet), unet_denoiser(unet)
+    train_model, plain_model = policy.denoiser(ddp_unet), policy.denoiser(unet)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
 
