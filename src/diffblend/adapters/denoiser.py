@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..core.blend import Blend
-from ..core.sampling import Denoiser, cat_cond
+from ..core.sampling import Denoiser, cfg_denoiser
 from .blender import Blender
 
 __all__ = ["blend_denoiser"]
@@ -56,13 +56,16 @@ def blend_denoiser(model: torch.nn.Module, blend: Blend | None, *, mode: str = "
         kw["return_dict"] = False
         return blender.forward(model.forward, blend, g, (), kw, mode)[0]
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        if guidance_scale == 1.0:
-            return call(x, t, cond, groups)
-        tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
-        pred_u, pred_c = call(torch.cat([x, x]), tt, cat_cond(uncond, cond), 2).chunk(2)
-        return pred_u + guidance_scale * (pred_c - pred_u)
+    def make(g: int) -> Denoiser:
+        def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+            return call(x, t, cond, g)
 
-    denoiser.blend = blend  # type: ignore[attr-defined]
-    denoiser.groups = groups  # type: ignore[attr-defined]  (core.cfg_denoiser checks it for LS)
-    return denoiser
+        denoiser.blend = blend  # type: ignore[attr-defined]
+        denoiser.groups = g  # type: ignore[attr-defined]  (core.cfg_denoiser checks it for LS)
+        return denoiser
+
+    if guidance_scale == 1.0:
+        return make(groups)
+    guided = cfg_denoiser(make(2), guidance_scale, uncond)  # the one CFG: rows [uncond; cond] in one call
+    guided.blend = blend  # type: ignore[attr-defined]
+    return guided

@@ -21,7 +21,7 @@ import torch
 from typing import Any
 
 from diffblend.core import ddim_step, randn
-from diffblend.core.sampling import cfg_denoiser, map_cond
+from diffblend.core.sampling import map_cond
 
 __all__ = ["Rollouts", "rollout", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
            "transition_kl", "step_weight"]
@@ -49,15 +49,6 @@ class Rollouts:
     grid: torch.Tensor | None = None
 
 
-def guided(denoiser: Denoiser, guidance_scale: float, uncond: Any, batch: int) -> Denoiser:
-    """``denoiser`` with classifier-free guidance (uncond, batch 1, expanded to the batch) if scale != 1."""
-    if guidance_scale == 1.0:
-        return denoiser
-    if uncond is None:
-        raise ValueError("guidance_scale != 1 needs the unconditional embedding uncond")
-    return cfg_denoiser(denoiser, guidance_scale, map_cond(uncond, lambda v: v.expand(batch, *v.shape[1:])))
-
-
 @torch.no_grad()
 def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequence[torch.Generator], *,
             num_steps: int, eta: float = 1.0, guidance_scale: float = 1.0,
@@ -70,7 +61,7 @@ def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequ
         eta: the step's stochasticity: DDIM eta, or the flow SDE's noise level (> 0) for flow models.
         generators: one per trajectory: its x_T and its step noise, so a trajectory does not
             depend on the batch it is in.
-        uncond: the unconditional conditioning (batch 1), for guidance.
+        uncond: the unconditional conditioning (batch 1), for guidance (default ``policy.uncond()``).
     """
     if len(generators) != len(prompts):
         raise ValueError(f"generators must have one generator per prompt ({len(prompts)}), got {len(generators)}")
@@ -79,7 +70,7 @@ def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequ
     B = len(prompts)
     x = randn((B, *policy.latent_shape), generators, device=device)
     grid = policy.grid(num_steps)
-    model = guided(denoiser, guidance_scale, uncond, B)
+    model = policy.guide(denoiser, guidance_scale, uncond)
     out = policy.sample(model, x, grid, cond, eta, generators=list(generators), keep_trajectory=True)
     starts = torch.stack([a for a, _ in policy.pairs(grid)])
     return Rollouts(prompts=list(prompts), cond=cond, timesteps=starts, latents=out.latents,
@@ -117,7 +108,7 @@ def evaluate_transition(denoiser: Denoiser, policy, x_t: torch.Tensor, t: torch.
         ``prev_sample = x_prev``, and eps (B, C, h, w), the guided noise estimate.
     """
     B = x_t.shape[0]
-    model = guided(denoiser, guidance_scale, uncond, B)
+    model = policy.guide(denoiser, guidance_scale, uncond)
     pred = model(x_t, policy.model_time(t).reshape(1).expand(B).to(x_t.device), cond)
     step = policy.transition(pred, t, prev_t, x_t, eta, prev_sample=x_prev)
     return step, policy.to_eps(pred, x_t, t)
