@@ -129,8 +129,8 @@ def test_rgg_and_code_refuse_flow_models(tmp_path):
             generate(backend, Setting.make(method, {"boldness": 1.0}), ["a"], [0])
 
 
-# -- Flux: at the model level (its pipeline's default size, 128 * vae factor pixels, is an attribute that
-# save_pretrained does not keep, so a saved tiny folder would run at 256x256; the CLI is not tested on it)
+# -- Flux: at the model level in CI (FluxPipeline's default size, 128 * vae factor pixels, is an attribute that
+# save_pretrained does not keep, so a saved tiny folder runs at 256x256: its CLI test below is marked slow)
 
 @pytest.mark.parametrize("true_cfg", [1.0, 3.0])
 def test_flux_model_matches_the_pipelines_own_step(true_cfg):
@@ -175,6 +175,30 @@ def test_flux_finetune_and_blend_at_the_model_level(tmp_path):
     base = generate(backend, Setting.make("base"), ["a"], [0])
     mpa = generate(backend, Setting.make("mpa", {"boldness": 0.5, "jpeg_compressibility": 0.5}), ["a"], [0])
     assert mpa.x0.shape == base.x0.shape == (1, 16, 16) and not torch.allclose(mpa.x0, base.x0)
+
+
+@pytest.mark.slow  # ~25 s on one CPU thread: a saved Flux folder runs at FluxPipeline's default 256x256 here
+def test_flux_folder_through_the_cli(tmp_path):
+    """finetune, sweep and generate --model DIR on a saved tiny Flux folder (its T5 tokenizer built offline)."""
+    from diffblend.evaluate.records import read_records
+
+    folder = tmp_path / "flux"
+    pipe = tiny_flux()
+    pipe.save_pretrained(folder)
+    a, b = (save_random_lora(pipe, tmp_path / n, seed=i + 1) for i, n in enumerate("ab"))
+    common = ["--model", str(folder), "--steps", "1", "--no-progress"]
+    assert main(["finetune", *common, "--reward", "boldness", "--kl", "0.1", "--run-dir", str(tmp_path / "run"),
+                 "--epochs", "1", "--prompts-per-epoch", "1", "--samples-per-prompt", "2", "--minibatch-size", "2",
+                 "--prompts", "a", "--guidance-scale", "1"]) == 0
+    _load(folder).load_lora_weights(str(tmp_path / "run" / "adapter.safetensors"), adapter_name="bold")
+    out = tmp_path / "sweep" / "r.jsonl"
+    assert main(["sweep", *common, "--adapter", f"boldness={a}", "--adapter", f"jpeg_compressibility={b}", "--score",
+                 "boldness", "--rewards", "boldness,jpeg_compressibility", "--methods", "base,mpa", "--weights", "0.5",
+                 "--prompts", "a", "--seeds", "1", "--guidance-scale", "1", "-o", str(out)]) == 0
+    assert len(read_records(out)) == 2
+    common.remove("--no-progress")
+    assert main(["generate", *common, "--adapter", f"one={a}", "--adapter", f"two={b}", "--weights", "one=0.5,two=0.5",
+                 "--prompt", "a", "--num-images", "1", "--no-scores", "-o", str(tmp_path / "g.png")]) == 0
 
 
 def test_gradient_checkpointing_and_decode_chunks_keep_the_gradients(tmp_path):
