@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "save_random_lora", "LORA_TARGETS"]
+__all__ = ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "save_random_lora", "LORA_TARGETS"]
 
 
 # Attention projections, the transformer's in/out projections and the resnets' time projections
@@ -63,12 +63,12 @@ def _seeded(seed: int, build):
         return build()
 
 
-def _vae(seed: int):
+def _vae(seed: int, **kwargs):
     from diffusers import AutoencoderKL
 
     return _seeded(seed, lambda: AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=4, sample_size=16).eval())
+                         norm_num_groups=4, sample_size=16, **kwargs).eval())
 
 
 def _scheduler():
@@ -125,7 +125,8 @@ def tiny_sd3(seed: int = 0, shift: float = 3.0):
         pos_embed_max_size=8).eval())
     tok = _tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=_vae(seed + 1),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=_vae(seed + 1, scaling_factor=1.5, shift_factor=0.1),  # SD3's VAE has both; its __call__ needs the shift
         text_encoder=_text_encoder(True, seed + 2), tokenizer=tok, text_encoder_2=_text_encoder(True, seed + 3),
         tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
@@ -135,7 +136,7 @@ def tiny_sd3(seed: int = 0, shift: float = 3.0):
 def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, alpha: float = 8.0,
                      targets: list[str] | None = None, use_dora: bool = False,
                      text_encoder: bool = False, lora_bias: bool = False) -> Path:
-    """Write a LoRA for ``pipe.unet`` with ``type(pipe).save_lora_weights`` and return the file path.
+    """Write a LoRA for ``pipe.unet`` (or ``pipe.transformer``) with ``type(pipe).save_lora_weights``; return the file path.
 
     lora_B is random (peft initialises it to zero, which would make every adapter equal to the base),
     scaled so that the adapters change the predictions by a few percent. The adapter is removed from
@@ -144,7 +145,8 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = pipe.unet
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    unet = getattr(pipe, component)
     name = f"tmp{seed}"
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS, init_lora_weights=False,
                      use_dora=use_dora, lora_bias=lora_bias)
@@ -155,7 +157,7 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
             if f"lora_A.{name}" in mod_name or f"lora_B.{name}" in mod_name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     sd = get_peft_model_state_dict(unet, adapter_name=name)
-    kwargs = {"unet_lora_layers": sd, "unet_lora_adapter_metadata": cfg.to_dict()}
+    kwargs = {f"{component}_lora_layers": sd, f"{component}_lora_adapter_metadata": cfg.to_dict()}
     te_name = None
     if text_encoder:
         te_cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -168,3 +170,38 @@ def save_random_lora(pipe, path: str | os.PathLike, seed: int, rank: int = 4, al
     if te_name is not None:
         pipe.text_encoder.delete_adapter(te_name)
     return out / "lora.safetensors"
+
+
+def _t5_tokenizer():
+    """A T5TokenizerFast built offline: a unigram model over lower-case letters, digits and space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789 ▁"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=16)
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = False):
+    """A FluxPipeline: CLIP (pooled) + a one-layer T5 (offline tokenizer), a one-block Flux transformer on
+    2x2-packed latents, FlowMatchEulerDiscreteScheduler with Flux's dynamic shift; default size 16x16
+    pixels (default_sample_size set to 8: not saved with the folder), 8x8x4 latents = 16 tokens of 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4)).eval())
+    t5 = _seeded(seed + 4, lambda: T5EncoderModel(T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                                           num_heads=4, pad_token_id=0, eos_token_id=1)).eval())
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                            base_shift=0.5, max_shift=1.15, shift=3.0)
+    pipe = FluxPipeline(scheduler=sched, vae=_vae(seed + 1, scaling_factor=1.5, shift_factor=0.1),
+                        text_encoder=_text_encoder(False, seed + 2), tokenizer=_tokenizer(), text_encoder_2=t5,
+                        tokenizer_2=_t5_tokenizer(), transformer=transformer)
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -111,12 +111,15 @@ def check_call_kwargs(pipe: Any, kwargs: Mapping[str, Any]) -> None:
 
 
 def _pipeline_class(model: str | Path) -> Any:
-    """The class that loads ``model``: diffusers' DiffusionPipeline, or ours for a DigitsPipeline folder."""
+    """The class that loads ``model``: diffusers' DiffusionPipeline, or the class a plug-in registered
+    for the folder's ``_class_name`` (:mod:`diffblend.registry`; e.g. the zoo's DigitsPipeline)."""
     index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
-        from .zoo.pipeline import DigitsPipeline
+    if index.is_file():
+        from .registry import pipeline_class
 
-        return DigitsPipeline
+        cls = pipeline_class(json.loads(index.read_text()).get("_class_name"))
+        if cls is not None:
+            return cls
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline

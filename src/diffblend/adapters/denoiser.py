@@ -8,14 +8,15 @@ from typing import Any
 import torch
 
 from ..core.blend import Blend
-from ..core.sampling import Denoiser, cat_cond
+from ..core.sampling import Denoiser, cfg_denoiser
 from .blender import Blender
 
 __all__ = ["blend_denoiser"]
 
 
 def blend_denoiser(model: torch.nn.Module, blend: Blend | None, *, mode: str = "auto", groups: int = 1,
-                   guidance_scale: float = 1.0, uncond: Any = None, blender: Blender | None = None) -> Denoiser:
+                   guidance_scale: float = 1.0, uncond: Any = None, blender: Blender | None = None,
+                   prepare: Any = None) -> Denoiser:
     """``denoiser(x_t, t, cond) -> pred`` running ``model`` (a UNet / transformer with LoRA adapters) as a blend.
 
     Args:
@@ -29,6 +30,8 @@ def blend_denoiser(model: torch.nn.Module, blend: Blend | None, *, mode: str = "
         guidance_scale, uncond: classifier-free guidance done here, in one call of 2B rows
             (then call ``core.sample`` with guidance_scale=1): pred_u + s (pred_c - pred_u).
         blender: reuse a :class:`Blender` (saves re-scanning the model's layers).
+        prepare: ``(x, t, cond) -> kwargs``, the model's whole keyword arguments (a family whose call
+            needs more than the sample, ``timestep`` and ``cond``, e.g. Flux; ``DiffusionModel.prepare``).
 
     The conditioning ``cond`` is the model's ``encoder_hidden_states`` tensor (B, L, D), or a dict
     of the model's keyword arguments, e.g. ``{"encoder_hidden_states": e, "added_cond_kwargs":
@@ -44,18 +47,25 @@ def blend_denoiser(model: torch.nn.Module, blend: Blend | None, *, mode: str = "
     t_name = "timestep"
 
     def call(x: torch.Tensor, t: torch.Tensor, cond: Any, g: int) -> torch.Tensor:
-        kw = dict(cond) if isinstance(cond, Mapping) else ({} if cond is None else {"encoder_hidden_states": cond})
-        kw[blender._sample_arg] = x
-        kw[t_name] = t
+        if prepare is not None:
+            kw = prepare(x, t, cond)
+        else:
+            kw = dict(cond) if isinstance(cond, Mapping) else ({} if cond is None else {"encoder_hidden_states": cond})
+            kw[blender._sample_arg] = x
+            kw[t_name] = t
         kw["return_dict"] = False
         return blender.forward(model.forward, blend, g, (), kw, mode)[0]
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        if guidance_scale == 1.0:
-            return call(x, t, cond, groups)
-        tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
-        pred_u, pred_c = call(torch.cat([x, x]), tt, cat_cond(uncond, cond), 2).chunk(2)
-        return pred_u + guidance_scale * (pred_c - pred_u)
+    def make(g: int) -> Denoiser:
+        def denoiser(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+            return call(x, t, cond, g)
 
-    denoiser.blend = blend  # type: ignore[attr-defined]
-    return denoiser
+        denoiser.blend = blend  # type: ignore[attr-defined]
+        denoiser.groups = g  # type: ignore[attr-defined]  (core.cfg_denoiser checks it for LS)
+        return denoiser
+
+    if guidance_scale == 1.0:
+        return make(groups)
+    guided = cfg_denoiser(make(2), guidance_scale, uncond)  # the one CFG: rows [uncond; cond] in one call
+    guided.blend = blend  # type: ignore[attr-defined]
+    return guided

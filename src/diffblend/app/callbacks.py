@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..core.blend import Blend
-from ..zoo.generate import generate, image_grid
+from ..generation import generate, image_grid
 
 __all__ = ["METHOD_LABELS", "Session", "View", "make_session", "blend_weights", "weights_text", "generate_view",
            "strip_view", "reward_direction", "reward_table", "to_arrays"]
@@ -65,8 +65,7 @@ def make_session(model: str | None = None, adapters: Mapping[str, str] | None = 
     rewards (default: every registered one for the default model, those named after the adapters
     otherwise) and the records of a sweep (``--records``)."""
     from ..rewards import available_rewards, get_reward
-    from ..zoo.demo import reward_names_for
-    from ..zoo.generate import load_blend_pipeline, shipped_adapters
+    from ..generation import load_blend_pipeline, reward_names_for, shipped_adapters
 
     if adapters is None:
         adapters = shipped_adapters() if model is None else {}

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"diffblend app needs gradio: pip install 'diffblend[app]' ({exc})") from None
     from ..app import make_session
-    from ..zoo.generate import shipped_adapters
+    from ..generation import shipped_adapters
 
     extra = parse_adapters(args.adapter)
     adapters = {**(shipped_adapters() if args.model is None else {}), **extra}

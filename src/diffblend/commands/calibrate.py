@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checks import check_count, check_guidance_scale, check_seed
     from ..rewards.calibration import calibrate_images, save_calibration
-    from ..zoo.generate import generate, load_blend_pipeline
+    from ..generation import generate, load_blend_pipeline
     from ._util import check_device
 
     check_device(args.device)

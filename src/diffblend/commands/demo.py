@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.blend import METHODS
     from ..zoo.data import prompt_for
     from ..zoo.demo import blend_sweep, demo_figure, format_table, reward_names_for
-    from ..zoo.generate import load_blend_pipeline, resolve_weight_names, shipped_adapters
+    from ..generation import load_blend_pipeline, resolve_weight_names, shipped_adapters
     from ._util import check_device
     from ..checks import check_count, check_guidance_scale, check_output_file, check_seed
     from ..zoo.demo import figure_format

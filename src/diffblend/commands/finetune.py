@@ -46,6 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="pred: each step's policy gradient in prediction units (default); none: plain DDPO")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter init, the noise and the shuffles")
     p.add_argument("--checkpoint-every", type=int, default=5, help="epochs between checkpoints (default 5)")
+    p.add_argument("--noise-level", type=float, default=0.7,
+                   help="flow-matching models (SD3): the SDE's noise level, > 0 (default 0.7)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="accelerate's mixed precision of the updates (default no)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the network's activations in the backward pass (less memory)")
+    p.add_argument("--decode-chunk", type=int, default=None, metavar="N",
+                   help="decode N latents at a time (default: the whole batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         num_steps=args.steps, guidance_scale=args.guidance_scale, minibatch_size=args.minibatch_size,
         timestep_fraction=args.timestep_fraction, clip_range=args.clip_range, lr=args.lr,
         max_grad_norm=args.max_grad_norm, step_weighting=args.step_weighting, seed=args.seed,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, noise_level=args.noise_level, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, decode_chunk=args.decode_chunk)
     result = finetune(cfg, args.run_dir, resume=args.resume, output=args.output, progress=not args.no_progress)
     last = result.metrics[-1] if result.metrics else None
     summary = f"; last epoch reward {last['reward_mean']:.4g}, KL {last['kl']:.3g} nats" if last else ""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+
+from ..generation import parse_adapters  # noqa: F401  (re-exported: demo and app import it from here)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (default 2.0 for digits)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta in [0, 1] (default 1: the stochastic sampler)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta in [0, 1] (default 1: the stochastic sampler; pipelines without eta, such as "
+                        "SD3's flow matching, get none: their scheduler decides)")
     p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: embedded digits)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a LoRA adapter (repeatable); added to the shipped ones for the default model")
@@ -55,19 +60,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_adapters(items: list[str]) -> dict[str, str]:
-    """``["a=path", ...]`` -> ``{"a": "path"}`` (the ``--adapter`` values)."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"--adapter {item!r} is malformed; expected NAME=PATH, e.g. legibility=adapters/leg.safetensors")
-        if name.strip() in out:
-            raise ValueError(f"--adapter names {name.strip()!r} twice")
-        out[name.strip()] = path.strip()
-    return out
-
-
 def merge_adapters(shipped: dict, extra: dict[str, str], replace: bool, flag: str = "--replace-shipped") -> dict:
     """``shipped`` plus the user's ``extra`` adapters; a user adapter may replace a shipped one only with ``replace``."""
     clash = sorted(set(shipped) & set(extra))
@@ -81,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from ._util import set_threads
 
     set_threads(args.threads)
-    from ..zoo.generate import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
+    from ..generation import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
         score_images, shipped_adapters
     from ..checks import check_count, check_guidance_scale, check_output_file, check_seed
-    from ..zoo.generate import image_format
+    from ..generation import image_format
     from ._util import check_device, parse_weights
 
     check_device(args.device)
@@ -94,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     check_guidance_scale(args.guidance_scale, "--guidance-scale")
     image_format(args.output, "-o")
     check_output_file(args.output, "-o")
-    if not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
         raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}")
@@ -108,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     shipped = shipped_adapters(include_oracles=args.oracles) if args.model is None else {}
     adapters = merge_adapters(shipped, extra, args.replace_shipped)
     bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode, allow_pickle=args.allow_pickle)
+    if args.eta is None:  # DDIM pipelines: 1 (stochastic); flow-matching ones take no eta
+        args.eta = 1.0 if "eta" in inspect.signature(type(bp.pipe).__call__).parameters else None
     bp.pipe.set_progress_bar_config(disable=False, desc="generate", leave=False)
     if weights is not None:
         weights = resolve_weight_names(weights, bp.adapter_names)

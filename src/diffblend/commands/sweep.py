@@ -82,7 +82,7 @@ def build_backend(args: argparse.Namespace):
         return default_backend(score or None, num_steps=args.steps, guidance_scale=args.guidance_scale,
                                non_differentiable=args.rgg_non_differentiable, device=args.device)
     from ..evaluate.pipelines import DiffusersBackend
-    from ..zoo.generate import load_pipeline
+    from ..generation import load_pipeline
 
     adapters = {}
     for item in args.adapter:

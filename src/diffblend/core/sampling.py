@@ -312,7 +312,8 @@ def cfg_denoiser(denoiser: Denoiser, guidance_scale: float, uncond: Any) -> Deno
             "independently: build it with blend_denoisers(denoisers, blend, groups=2)")
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        both = denoiser(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond))
+        tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t  # a scalar t serves both halves
+        both = denoiser(torch.cat([x, x]), tt, cat_cond(uncond, cond))
         pred_u, pred_c = both.chunk(2)
         return pred_u + guidance_scale * (pred_c - pred_u)
 

@@ -91,6 +91,11 @@ class Backend:
         """Final samples -> images (B, C, H, W) in [0, 1] for saving; the toy has none."""
         return self.decode(x0)
 
+    def sample(self, denoiser: Denoiser, x: torch.Tensor, cond: Any, *, eta: float, generators: Any):
+        """The reverse process from x: DDIM(eta) on ``schedule`` / ``timesteps`` (a flow-matching
+        backend overrides it; see :class:`~.pipelines.DiffusersBackend`)."""
+        return sample(denoiser, x, self.schedule, self.timesteps, cond, eta=eta, generators=generators)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -154,8 +159,7 @@ def _blend(setting: Setting, method: str, options: MethodOptions, prompts: Seque
 
 def _plain(backend, setting, prompts, seeds, options, denoiser, nfe_per_step) -> GenResult:
     x, gens = _noise(backend, prompts, seeds)
-    out = sample(denoiser, x, backend.schedule, backend.timesteps, backend.encode(prompts),
-                 eta=options.eta, generators=gens)
+    out = backend.sample(denoiser, x, backend.encode(prompts), eta=options.eta, generators=gens)
     return GenResult(out.sample, nfe_per_step * len(backend.timesteps))
 
 
@@ -181,7 +185,14 @@ def _gen_morl(backend, setting, prompts, seeds, options):
     return _plain(backend, setting, prompts, seeds, options, backend.oracle_denoiser(setting.weights_dict), 1)
 
 
+def _need_vp(backend: Backend, method: str) -> None:
+    if getattr(backend, "schedule", None) is None:
+        raise ValueError(f"method {method!r} needs a VP (DDPM / DDIM) noise schedule; this model is flow matching: "
+                         f"use base, mpa, ls, ls_stratified, ls_golden, soup, kla or morl")
+
+
 def _gen_rgg(backend, setting, prompts, seeds, options):
+    _need_vp(backend, "rgg")
     x, gens = _noise(backend, prompts, seeds)
     cfg = RGGConfig(**{**options.rgg.__dict__, "eta": options.eta})
     fn = backend.score_fn(setting.weights_dict, prompts, differentiable=True)
@@ -191,6 +202,7 @@ def _gen_rgg(backend, setting, prompts, seeds, options):
 
 
 def _gen_code(backend, setting, prompts, seeds, options):
+    _need_vp(backend, "code")
     x, gens = _noise(backend, prompts, seeds)
     cfg = CoDeConfig(**{**options.code.__dict__, "eta": options.eta})
     N = cfg.num_candidates

@@ -7,14 +7,16 @@ layer of :mod:`diffblend.pipeline` (``BlendPipeline.denoiser``), in the core's D
   analysis scores r(w) with the same names);
 - the MORL oracles are more adapters on the same base, one per w, run as a one-hot blend;
 - Rewarded Soup is the blending layer's ``soup`` method (delta-W = sum_i w_i B_i A_i);
-- classifier-free guidance: each model's prediction is guided (uncond and cond rows in one call),
-  then blended (guidance is linear, so that equals guiding the blend);
-- images: ``vae.decode`` for latent pipelines, (x + 1) / 2 for pixel pipelines (the digits model),
-  clamped to [0, 1]; this map is differentiable, so RGG back-propagates through it (its cost is
-  counted in the seconds).
+- the model (conditioning, guidance, grid, sampler, decoding) is :class:`diffblend.model.DiffusionModel`:
+  classifier-free guidance is its ``guide`` closure around the blended denoiser (uncond and cond
+  rows in one call, blended per row: guidance is linear, so that equals guiding the blend);
+- images: the VAE decode of the pipeline family, or (x + 1) / 2 for pixel pipelines (the digits
+  model), clamped to [0, 1]; this map is differentiable, so RGG back-propagates through it (its
+  cost is counted in the seconds).
 
-Any pipeline with SD's ``encode_prompt(prompt, device, n, do_cfg) -> (embeds, negative_embeds)``
-and a ``unet`` works (SD 1.5, the embedded digits model); SDXL's extra conditioning is not wired.
+Every family of :mod:`diffblend.families` works: SD 1.5, SDXL (pooled embeddings + time ids), SD3
+(flow matching: the flow SDE with ``noise_level * eta``, or its ODE at eta = 0; RGG and CoDe need a
+VP schedule and refuse flow models), the embedded digits model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 
 from ..core.blend import Blend
-from ..core.sampling import NoiseSchedule
+from ..core.sampling import SampleOutput
+from ..model import DiffusionModel
 from .methods import Backend
 from .records import setting_key
 
@@ -68,7 +71,7 @@ class DiffusersBackend(Backend):
                  rewards: Mapping[str, Any] | Sequence[str] = (), *,
                  oracles: Sequence[tuple[Mapping[str, float], str | Path]] = (), num_steps: int = 20,
                  guidance_scale: float = 2.0, non_differentiable: str = "error", mode: str = "auto",
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, noise_level: float = 0.7) -> None:
         from ..pipeline import BlendPipeline
 
         if non_differentiable not in ("error", "skip"):
@@ -95,16 +98,15 @@ class DiffusersBackend(Backend):
         self.reward_names = tuple(self.rewards)
         self.non_differentiable = non_differentiable
         self.guidance_scale = float(guidance_scale)
-        unet = self.bp.model
-        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
-        self.dtype = next(unet.parameters()).dtype
-        sched = self.pipe.scheduler
-        sched.set_timesteps(num_steps)
-        self.timesteps = sched.timesteps.clone().cpu().long()
-        self.schedule = NoiseSchedule.from_scheduler(sched)
-        size = unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (unet.config.in_channels, *size)
+        self.model = DiffusionModel.from_pipeline(self.pipe)
+        net = self.model.network
+        self.device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.dtype = next(net.parameters()).dtype
+        self._grid = self.model.grid(num_steps)
+        self.timesteps = self.model.timesteps(num_steps)  # what the network sees (flow: sigma * 1000)
+        self.schedule = self.model.schedule  # None for flow matching
+        self.sample_shape = self.model.latent_shape
+        self.noise_level = float(noise_level)
         self._grad_ok: dict[str, bool] = {}
 
     # -- conditioning and models ------------------------------------------------------------------
@@ -112,23 +114,18 @@ class DiffusersBackend(Backend):
     def _cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            c, u = self.pipe.encode_prompt(list(prompts), self.device, 1, self._cfg)
-        return {"c": c, "u": u} if self._cfg else {"c": c}
+    def encode(self, prompts: Sequence[str]):
+        return self.model.encode(list(prompts))
 
     def denoiser(self, blend: Blend | None):
-        inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1)
-        s = self.guidance_scale
+        inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1, prepare=self.model.prepare)
+        return self.model.guide(inner, self.guidance_scale if self._cfg else 1.0)
 
-        def guided(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            if not self._cfg:
-                return inner(x, t, cond["c"])
-            tt = torch.cat([t, t]) if t.dim() else t
-            pred_u, pred_c = inner(torch.cat([x, x]), tt, torch.cat([cond["u"], cond["c"]])).chunk(2)
-            return pred_u + s * (pred_c - pred_u)
-
-        return guided
+    def sample(self, denoiser, x: torch.Tensor, cond, *, eta: float, generators) -> SampleOutput:
+        """The model's sampler on this backend's grid: DDIM(eta), or the flow SDE with noise level
+        ``noise_level * eta`` (eta = 0: the flow ODE)."""
+        stoch = self.noise_level * eta if self.model.is_flow else eta
+        return self.model.sample(denoiser, x, self._grid, cond, stoch, generators=generators)
 
     def oracle_name(self, weights: Mapping[str, float]) -> str | None:
         """The adapter that serves as the MORL oracle at w, or None."""
@@ -148,10 +145,7 @@ class DiffusersBackend(Backend):
 
     # -- images and rewards -----------------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        vae = getattr(self.pipe, "vae", None)
-        if vae is not None:
-            x0 = vae.decode(x0 / vae.config.scaling_factor, return_dict=False)[0]
-        return (x0.float() / 2 + 0.5).clamp(0, 1)
+        return self.model.decode(x0)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: fn(images, list(prompts), None)[0].detach().float().cpu() for n, fn in self.rewards.items()}
@@ -199,11 +193,11 @@ def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20
     entry gives ``"weights"`` (``{reward: w}``) or whose name is ``morl[...]`` / ``morl_...`` with a
     weight spec is a MORL oracle. ``rewards`` defaults to every registered reward.
     """
+    from ..generation import load_pipeline
     from ..rewards import available_rewards, canonical_name
-    from ..zoo import load_default_pipeline
 
     per_reward, oracles = shipped_adapter_roles()
-    pipe = load_default_pipeline(device=device)
+    pipe = load_pipeline(None, device=device)
     names = list(rewards) if rewards else available_rewards()
     names = [canonical_name(n) for n in names]
     return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
@@ -215,18 +209,15 @@ def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float
     """Split the shipped adapters into ``{reward: path}`` and ``[(w, path)]`` MORL oracles."""
     import json
     import re
-    from importlib import resources
 
+    from ..registry import default_model
     from ..rewards import canonical_name, parse_reward_weights
-    from ..zoo.generate import shipped_adapters
 
-    try:
-        files = shipped_adapters(include_oracles=True)
-    except TypeError:  # an older loader that always listed every adapter
-        files = shipped_adapters()
-    folder = Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
+    model = default_model()
+    files = model.adapters(True)
+    folder = model.adapters_dir
     manifest = {}
-    if (folder / "manifest.json").is_file():
+    if folder is not None and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text()).get("adapters", {})
     per_reward: dict[str, Path] = {}
     oracles: list[tuple[dict[str, float], Path]] = []

@@ -76,6 +76,9 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = (), ne
 def _ensure_builtins() -> None:
     # registers the built-in rewards on import; the model rewards import their heavy packages lazily
     from . import aesthetic, builtin, clip, hps, http, imagereward, ocr  # noqa: F401
+    from ..registry import load_plugins
+
+    load_plugins()  # plug-ins' rewards (the zoo's legibility)
 
 
 def available_rewards(include_models: bool = False) -> list[str]:

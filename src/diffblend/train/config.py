@@ -36,6 +36,7 @@ class FinetuneConfig:
     samples_per_prompt: int = 4  # images per prompt (the group of the per-prompt advantage), >= 2
     num_steps: int = 20  # DDIM steps per rollout
     eta: float = 1.0  # DDIM eta (1 = stochastic, needed for log-probs of every step)
+    noise_level: float = 0.7  # flow-matching models (SD3): the SDE's noise level a > 0 (Flow-GRPO: 0.7); eta is DDIM's
     guidance_scale: float = 2.0  # CFG scale of the rollouts, as at inference (1 = none; 2 = the digits default)
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
     inner_epochs: int = 1  # passes over each epoch's rollouts
@@ -52,6 +53,9 @@ class FinetuneConfig:
     seed: int = 0  # seeds the adapter init, the rollout noise (per epoch, process, sample) and the shuffles
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    mixed_precision: str = "no"  # accelerate's autocast: "no", "bf16" or "fp16" (the LoRA weights stay float32)
+    gradient_checkpointing: bool = False  # the network's enable_gradient_checkpointing() (memory for compute)
+    decode_chunk: int | None = None  # decode this many latents at a time (None: the whole batch)
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run (not used by training)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,11 @@ class FinetuneConfig:
         need(self.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 (advantages are normalised per prompt)")
         need(0.0 < self.eta <= 1.0, "eta", "in (0, 1] (a deterministic step has no log-prob)")
         need(self.guidance_scale >= 0, "guidance_scale", ">= 0")
+        need(0.0 < self.noise_level, "noise_level", "> 0 (the flow SDE; 0 is the deterministic ODE, without log-probs)")
+        need(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'")
+        need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
+        need(self.decode_chunk is None or (isinstance(self.decode_chunk, int) and self.decode_chunk >= 1),
+             "decode_chunk", "an int >= 1 or None")
         need(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", "in (0, 1]")
         need(self.clip_range > 0, "clip_range", "> 0")
         need(self.step_weighting in ("pred", "none"), "step_weighting", "'pred' or 'none'")

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from diffblend.core import cfg_denoiser, ddim_step, randn, sample
+from typing import Any
+
+from diffblend.core import ddim_step, randn
+from diffblend.core.sampling import map_cond
 
 __all__ = ["Rollouts", "rollout", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
            "transition_kl", "step_weight"]
@@ -30,53 +33,48 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class Rollouts:
     """B trajectories of N steps.
 
-    prompts: B prompts. cond: (B, L, D) their embeddings. timesteps: (N,) descending.
+    prompts: B prompts. cond: their conditioning (a (B, L, D) tensor or a dict of batch-first
+    tensors). timesteps: (N,) descending: the grid point each transition starts from (VP: t;
+    flow matching: sigma). grid: the model's whole grid (flow: N + 1 sigmas ending at 0).
     latents: (N + 1, B, C, h, w), x_T .. x_0. log_probs: (N, B) log p_old(x_{i+1} | x_i) as sampled.
     images: (B, C', H, W) in [0, 1], decoded x_0.
     """
 
     prompts: list[str]
-    cond: torch.Tensor
+    cond: Any
     timesteps: torch.Tensor
     latents: torch.Tensor
     log_probs: torch.Tensor
     images: torch.Tensor
-
-
-def guided(denoiser: Denoiser, guidance_scale: float, uncond: torch.Tensor | None, batch: int) -> Denoiser:
-    """``denoiser`` with classifier-free guidance (uncond (1, L, D) expanded to the batch) if scale != 1."""
-    if guidance_scale == 1.0:
-        return denoiser
-    if uncond is None:
-        raise ValueError("guidance_scale != 1 needs the unconditional embedding uncond")
-    return cfg_denoiser(denoiser, guidance_scale, uncond.expand(batch, *uncond.shape[1:]))
+    grid: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequence[torch.Generator], *,
             num_steps: int, eta: float = 1.0, guidance_scale: float = 1.0,
-            uncond: torch.Tensor | None = None) -> Rollouts:
+            uncond: Any = None) -> Rollouts:
     """Sample B = len(prompts) trajectories with the core's sampler, keeping x_t and log-probs.
 
     Args:
         denoiser: the current policy, ``(x_t, t, cond) -> pred`` (adapter enabled).
-        policy: a :class:`~diffblend.train.policy.DiffusionPolicy` (schedule, encode, decode, shapes).
+        policy: a :class:`~diffblend.model.DiffusionModel` (grid, sampler, encode, decode, shapes).
+        eta: the step's stochasticity: DDIM eta, or the flow SDE's noise level (> 0) for flow models.
         generators: one per trajectory: its x_T and its step noise, so a trajectory does not
             depend on the batch it is in.
-        uncond: (1, L, D) embedding of the empty prompt, for guidance.
+        uncond: the unconditional conditioning (batch 1), for guidance (default ``policy.uncond()``).
     """
     if len(generators) != len(prompts):
         raise ValueError(f"generators must have one generator per prompt ({len(prompts)}), got {len(generators)}")
     device = policy.device
-    cond = policy.encode(list(prompts)).to(device)
+    cond = map_cond(policy.encode(list(prompts)), lambda v: v.to(device))
     B = len(prompts)
     x = randn((B, *policy.latent_shape), generators, device=device)
-    ts = policy.timesteps(num_steps)
-    model = guided(denoiser, guidance_scale, uncond, B)
-    out = sample(model, x, policy.schedule, ts, cond, eta=eta, generators=list(generators),
-                 keep_trajectory=True)
-    return Rollouts(prompts=list(prompts), cond=cond, timesteps=out.timesteps, latents=out.latents,
-                    log_probs=out.log_probs, images=policy.decode(out.sample).float())
+    grid = policy.grid(num_steps)
+    model = policy.guide(denoiser, guidance_scale, uncond)
+    out = policy.sample(model, x, grid, cond, eta, generators=list(generators), keep_trajectory=True)
+    starts = torch.stack([a for a, _ in policy.pairs(grid)])
+    return Rollouts(prompts=list(prompts), cond=cond, timesteps=starts, latents=out.latents,
+                    log_probs=out.log_probs, images=policy.decode(out.sample).float(), grid=grid)
 
 
 def per_prompt_advantages(rewards: torch.Tensor, prompts: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
@@ -97,20 +95,23 @@ def per_prompt_advantages(rewards: torch.Tensor, prompts: Sequence[str], eps: fl
 
 
 def evaluate_transition(denoiser: Denoiser, policy, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
-                        x_prev: torch.Tensor, cond: torch.Tensor, *, eta: float = 1.0,
-                        guidance_scale: float = 1.0, uncond: torch.Tensor | None = None):
+                        x_prev: torch.Tensor, cond: Any, *, eta: float = 1.0,
+                        guidance_scale: float = 1.0, uncond: Any = None):
     """Re-score the stored transition x_t -> x_prev under ``denoiser``.
+
+    t, prev_t: the transition's grid points (VP: timesteps, -1 after the last; flow: sigma,
+    sigma_next; the network is called at ``policy.model_time(t)``); eta: DDIM eta or the flow
+    SDE's noise level.
 
     Returns:
         (step, eps): the core's StepOutput (``log_prob`` (B,), ``mean``, ``std``) with
-        ``prev_sample = x_prev``, and eps (B, C, h, w), the guided noise prediction.
+        ``prev_sample = x_prev``, and eps (B, C, h, w), the guided noise estimate.
     """
     B = x_t.shape[0]
-    model = guided(denoiser, guidance_scale, uncond, B)
-    pred = model(x_t, t.reshape(1).expand(B).to(x_t.device), cond)
-    step = ddim_step(pred, t, x_t, policy.schedule, prev_t, eta, prev_sample=x_prev)
-    eps, _ = policy.schedule.to_eps_x0(pred, x_t, t)
-    return step, eps
+    model = policy.guide(denoiser, guidance_scale, uncond)
+    pred = model(x_t, policy.model_time(t).reshape(1).expand(B).to(x_t.device), cond)
+    step = policy.transition(pred, t, prev_t, x_t, eta, prev_sample=x_prev)
+    return step, policy.to_eps(pred, x_t, t)
 
 
 def step_weight(schedule, t: torch.Tensor, prev_t: torch.Tensor, eta: float = 1.0) -> float:
@@ -127,7 +128,10 @@ def step_weight(schedule, t: torch.Tensor, prev_t: torch.Tensor, eta: float = 1.
     term ||eps_theta - eps_pre||^2. Returns 0 for a deterministic step (sigma_t = 0).
     """
     x = torch.zeros(1, 1, dtype=torch.float64)
-    at = lambda pred: ddim_step(pred, t, x, schedule, prev_t, eta, noise=torch.zeros_like(x))  # noqa: E731
+    if hasattr(schedule, "transition"):  # a DiffusionModel: its own step (DDIM, or the flow SDE)
+        at = lambda pred: schedule.transition(pred, t, prev_t, x, eta, noise=torch.zeros_like(x))  # noqa: E731
+    else:
+        at = lambda pred: ddim_step(pred, t, x, schedule, prev_t, eta, noise=torch.zeros_like(x))  # noqa: E731
     zero, one = at(torch.zeros_like(x)), at(torch.ones_like(x))
     k = (one.mean - zero.mean).abs().item()  # the mean is affine in pred at fixed x_t
     sigma = float(torch.as_tensor(zero.std).flatten()[0])

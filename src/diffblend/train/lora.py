@@ -105,13 +105,19 @@ def set_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -
             p.requires_grad_(True)
 
 
-def save_lora(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
+def save_lora(unet: torch.nn.Module, path: str | os.PathLike, *, pipeline_class: type | None = None,
+              component: str = "unet") -> Path:
     """Write the adapter of ``unet`` to ``path`` (a .safetensors file), atomically.
 
-    Uses ``StableDiffusionPipeline.save_lora_weights`` itself (into a temporary folder beside
-    ``path``, then ``os.replace``), so the file is exactly what diffusers writes and loads.
+    Uses ``pipeline_class.save_lora_weights`` itself (default ``StableDiffusionPipeline``; into a
+    temporary folder beside ``path``, then ``os.replace``), so the file is exactly what diffusers
+    writes and that pipeline's ``load_lora_weights`` reads. ``component``: "unet" or "transformer"
+    (the key prefix and the save_lora_weights arguments, e.g. ``transformer_lora_layers`` for SD3).
     """
-    from diffusers import StableDiffusionPipeline
+    if component not in ("unet", "transformer"):
+        raise ValueError(f"component must be 'unet' or 'transformer', got {component!r}")
+    if pipeline_class is None or not hasattr(pipeline_class, "save_lora_weights"):
+        from diffusers import StableDiffusionPipeline as pipeline_class
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -120,9 +126,9 @@ def save_lora(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
     config = unet.peft_config[ADAPTER_NAME].to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=lora_state_dict(unet), weight_name="adapter.safetensors",
-            safe_serialization=True, unet_lora_adapter_metadata=config)
+        pipeline_class.save_lora_weights(
+            tmp, weight_name="adapter.safetensors", safe_serialization=True,
+            **{f"{component}_lora_layers": lora_state_dict(unet), f"{component}_lora_adapter_metadata": config})
         written = tmp / "adapter.safetensors"
         umask = os.umask(0)  # read the umask (no other way) and put it back at once
         os.umask(umask)

@@ -27,7 +27,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, s
 from .config import FinetuneConfig
 from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight, transition_kl
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
-from .policy import DiffusionPolicy, unet_denoiser
+from .policy import DiffusionPolicy
+from ..core.sampling import map_cond
 from .reward import RewardFn, resolve_reward
 from .._io import atomic_write_text
 
@@ -89,12 +90,112 @@ def _flat_info(info: dict | None, prefix: str = "") -> dict:
     return out
 
 
-def load_policy(model: str | None, device: torch.device | str) -> DiffusionPolicy:
-    """The policy for ``model``: a diffusers pipeline folder (hub ids need network access), or None
-    for the embedded digits model. Loading goes through the same loader as ``diffblend generate``."""
-    from diffblend.zoo.generate import load_pipeline  # lazy: the trainer itself needs no zoo
+def load_policy(model: str | None, device: torch.device | str, decode_chunk: int | None = None) -> DiffusionPolicy:
+    """The policy for ``model``: a diffusers pipeline folder of any supported family (SD 1.5, SDXL,
+    SD3; hub ids need network access), or None for the embedded digits model. Loading goes through
+    the same loader as ``diffblend generate``."""
+    from ..generation import load_pipeline
 
-    return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device)
+    return DiffusionPolicy.from_pipeline(load_pipeline(model, device=device), device=device,
+                                         decode_chunk=decode_chunk)
+
+
+def _resume_state(cfg: FinetuneConfig, run_dir: Path, ckpt_dir: Path, resume: bool) -> tuple[int, dict | None]:
+    """(first epoch, checkpoint state or None), after checking that a resumed run has the same config."""
+    start_epoch, state = 0, None
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        if last is None:
+            raise ValueError(f"--resume: run dir {str(run_dir)!r} has no checkpoint to continue from; "
+                             f"drop --resume to start a new run there")
+        else:
+            state = load_checkpoint(last)
+            saved = dict(state["config"])
+            saved["epochs"] = cfg.epochs
+            if FinetuneConfig.from_dict(saved).to_dict() != cfg.to_dict():
+                diff = [k for k, v in cfg.to_dict().items() if saved.get(k) != v]
+                raise ValueError(f"--resume: the config differs from the checkpoint's in {diff}; "
+                                 f"use the same settings (only epochs may change) or a new run dir")
+            start_epoch = int(state["epoch"])
+            if cfg.epochs < start_epoch:
+                raise ValueError(f"--resume: epochs must be >= {start_epoch}, the epochs the checkpoint {last.name} "
+                                 f"has done; got {cfg.epochs}")
+    elif latest_checkpoint(ckpt_dir) is not None:
+        raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
+                         f"or choose a new run dir")
+    return start_epoch, state
+
+
+def _with_adapter(cfg: FinetuneConfig, policy: DiffusionPolicy, acc, state: dict | None):
+    """The network on the device with a fresh (or the checkpoint's) LoRA adapter: (network, LoRA
+    parameters, AdamW, the shuffles' generator)."""
+    unet = policy.unet.to(acc.device)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
+    params = lora_parameters(unet)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    train_gen = torch.Generator().manual_seed(_key(cfg.seed, 11))  # shuffles and timestep subsets
+    if state is not None:
+        set_lora_state_dict(unet, state["lora"])
+        opt.load_state_dict(state["optimizer"])
+        train_gen.set_state(state["rng"])
+    return unet, params, opt, train_gen
+
+
+def _scored_rollout(cfg: FinetuneConfig, policy: DiffusionPolicy, model, acc, reward_fn, monitors, epoch: int,
+                    g_kw: dict):
+    """This process's rollouts of the epoch and their rewards (gathered over processes, checked finite)."""
+    prompts = _draw_prompts(cfg, epoch, acc.process_index)
+    gens = sample_generators(cfg.seed, epoch, acc.process_index, len(prompts))
+    ro = rollout(model, policy, prompts, gens, num_steps=cfg.num_steps, **g_kw)
+    # rewards (the advantages are per prompt)
+    with torch.no_grad():
+        rewards, info = reward_fn(ro.images, prompts, {"epoch": epoch})
+        for name, fn in monitors.items():
+            info = {**(info or {}), f"monitor/{name}": fn(ro.images, prompts, {"epoch": epoch})[0]}
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
+    all_rewards = acc.gather(rewards.to(acc.device)).cpu()  # every process checks all: all stop together
+    if not torch.isfinite(all_rewards).all():  # NaN advantages would turn every LoRA weight into NaN, silently
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        raise ValueError(f"non-finite reward at epoch {epoch} (this process: rollouts {bad}, prompts "
+                         f"{[prompts[i] for i in bad]}); the reward {cfg.reward!r} or the model gave NaN / inf")
+    return prompts, ro, rewards, all_rewards, info
+
+
+def _metrics_row(epoch: int, all_rewards, rewards, stats: dict, info, acc, t0: float) -> dict:
+    """One metrics.jsonl row: rewards, the update's means and the reward info's means, over processes."""
+    row = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+           **{k: acc.gather(torch.tensor([v], device=acc.device)).mean().item() for k, v in stats.items()},
+           "seconds": time.perf_counter() - t0}
+    for k, v in _flat_info(info).items():
+        if isinstance(v, torch.Tensor) and v.numel() == rewards.numel():
+            row[f"{k}_mean"] = acc.gather(v.float().reshape(-1).to(acc.device)).mean().item()
+    return row
+
+
+def _accelerator(cfg: FinetuneConfig, accelerator=None):
+    """The given accelerator, or one on the GPU if any (cfg.mixed_precision); gradient accumulation refused."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
+        raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
+                         f"by this trainer; set the trajectories per optimizer step with minibatch_size "
+                         f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
+    return acc
+
+
+def _record(cfg: FinetuneConfig, run_dir: Path, row: dict, done: int, end_epoch: int, unet, opt, gen) -> None:
+    """Append the metrics row; checkpoint (LoRA, optimizer, the shuffles' RNG, config) every
+    cfg.checkpoint_every epochs and at the end."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if done % cfg.checkpoint_every == 0 or done == cfg.epochs or done == end_epoch:
+        ckpt_dir = run_dir / "checkpoints"
+        save_checkpoint(ckpt_dir, done, {"lora": lora_state_dict(unet), "optimizer": opt.state_dict(),
+                                         "rng": gen.get_state(), "config": cfg.to_dict()})
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
 
 
 def finetune(
@@ -124,57 +225,21 @@ def finetune(
     Returns:
         :class:`FinetuneResult`.
     """
-    from accelerate import Accelerator
-
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    acc = _accelerator(cfg, accelerator)
     main = acc.is_main_process
-    if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
-        raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
-                         f"by this trainer; set the trajectories per optimizer step with minibatch_size "
-                         f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
-
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {str(run_dir)!r} is a file, not a folder; choose a folder for the run")
-    start_epoch, state = 0, None
-    if resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is None:
-            raise ValueError(f"--resume: run dir {str(run_dir)!r} has no checkpoint to continue from; "
-                             f"drop --resume to start a new run there")
-        else:
-            state = load_checkpoint(last)
-            saved = dict(state["config"])
-            saved["epochs"] = cfg.epochs
-            if FinetuneConfig.from_dict(saved).to_dict() != cfg.to_dict():
-                diff = [k for k, v in cfg.to_dict().items() if saved.get(k) != v]
-                raise ValueError(f"--resume: the config differs from the checkpoint's in {diff}; "
-                                 f"use the same settings (only epochs may change) or a new run dir")
-            start_epoch = int(state["epoch"])
-            if cfg.epochs < start_epoch:
-                raise ValueError(f"--resume: epochs must be >= {start_epoch}, the epochs the checkpoint {last.name} "
-                                 f"has done; got {cfg.epochs}")
-    elif latest_checkpoint(ckpt_dir) is not None:
-        raise ValueError(f"run dir {str(run_dir)!r} already has checkpoints; pass --resume to continue it "
-                         f"or choose a new run dir")
-
+    start_epoch, state = _resume_state(cfg, run_dir, ckpt_dir, resume)
     out = Path(output) if output is not None else run_dir / "adapter.safetensors"
     if out.suffix != ".safetensors":  # before any training: save_lora would refuse it at the very end
         raise ValueError(f"the adapter path must end in .safetensors, got {str(out)!r}")
     # before the model: fail fast on a bad name
     reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
     monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
-    policy = policy or load_policy(cfg.model, acc.device)
-    unet = policy.unet.to(acc.device)
-    add_lora(unet, cfg.rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(_key(cfg.seed, 7)))
-    params = lora_parameters(unet)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    train_gen = torch.Generator().manual_seed(_key(cfg.seed, 11))  # shuffles and timestep subsets
-    if state is not None:
-        set_lora_state_dict(unet, state["lora"])
-        opt.load_state_dict(state["optimizer"])
-        train_gen.set_state(state["rng"])
+    policy = policy or load_policy(cfg.model, acc.device, cfg.decode_chunk)
+    unet, params, opt, train_gen = _with_adapter(cfg, policy, acc, state)
     ddp_unet, opt = acc.prepare(unet, opt)
 
     if main:
@@ -182,10 +247,12 @@ def finetune(
         cfg.save(run_dir / "config.json")
         _write_jsonl_prefix(run_dir / "metrics.jsonl", start_epoch)
 
-    plain_model = unet_denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
-    uncond = policy.encode([""]).to(acc.device) if cfg.guidance_scale != 1.0 else None
+    plain_model = policy.denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
+    uncond = map_cond(policy.uncond(), lambda v: v.to(acc.device)) if cfg.guidance_scale != 1.0 else None
     n_train = max(1, int(round(cfg.timestep_fraction * cfg.num_steps)))
-    g_kw = dict(eta=cfg.eta, guidance_scale=cfg.guidance_scale, uncond=uncond)
+    # the step's stochasticity: DDIM's eta, or the flow SDE's noise level for flow-matching models
+    g_kw = dict(eta=cfg.noise_level if policy.is_flow else cfg.eta, guidance_scale=cfg.guidance_scale,
+                uncond=uncond)
 
     from tqdm.auto import tqdm
 
@@ -195,49 +262,26 @@ def finetune(
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
-        # 1. rollouts with the current policy (eta = 1: every transition has a log-prob)
+        # 1. rollouts with the current policy (stochastic steps: every transition has a log-prob), rewards
         unet.eval()
-        prompts = _draw_prompts(cfg, epoch, acc.process_index)
-        gens = sample_generators(cfg.seed, epoch, acc.process_index, len(prompts))
-        ro = rollout(plain_model, policy, prompts, gens, num_steps=cfg.num_steps, **g_kw)
-        # 2. rewards and per-prompt advantages
-        with torch.no_grad():
-            rewards, info = reward_fn(ro.images, prompts, {"epoch": epoch})
-            for name, fn in monitors.items():
-                info = {**(info or {}), f"monitor/{name}": fn(ro.images, prompts, {"epoch": epoch})[0]}
-        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).cpu()
-        all_rewards = acc.gather(rewards.to(acc.device)).cpu()  # every process checks all: all stop together
-        if not torch.isfinite(all_rewards).all():  # NaN advantages would turn every LoRA weight into NaN, silently
-            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-            raise ValueError(f"non-finite reward at epoch {epoch} (this process: rollouts {bad}, prompts "
-                             f"{[prompts[i] for i in bad]}); the reward {cfg.reward!r} or the model gave NaN / inf")
+        prompts, ro, rewards, all_rewards, info = _scored_rollout(cfg, policy, plain_model, acc, reward_fn,
+                                                                 monitors, epoch, g_kw)
         adv = per_prompt_advantages(rewards, prompts).to(acc.device)
-        # 3. policy updates on the stored transitions
+        # 2. policy updates on the stored transitions
         unet.train()
         stats = _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, train_gen, n_train, g_kw)
-        # 4. log, checkpoint
-        row = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-               **{k: acc.gather(torch.tensor([v], device=acc.device)).mean().item() for k, v in stats.items()},
-               "seconds": time.perf_counter() - t0}
-        for k, v in _flat_info(info).items():
-            if isinstance(v, torch.Tensor) and v.numel() == rewards.numel():
-                row[f"{k}_mean"] = acc.gather(v.float().reshape(-1).to(acc.device)).mean().item()
+        # 3. log, checkpoint
+        row = _metrics_row(epoch, all_rewards, rewards, stats, info, acc, t0)
         rows.append(row)
-        done = epoch + 1
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if done % cfg.checkpoint_every == 0 or done == cfg.epochs or done == end_epoch:
-                save_checkpoint(ckpt_dir, done, {"lora": lora_state_dict(unet), "optimizer": opt.state_dict(),
-                                                 "rng": train_gen.get_state(), "config": cfg.to_dict()})
-                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            _record(cfg, run_dir, row, epoch + 1, end_epoch, unet, opt, train_gen)
         acc.wait_for_everyone()
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
     bar.close()
 
     if main and end_epoch == cfg.epochs:
-        save_lora(unet, out)
+        save_lora(unet, out, pipeline_class=policy.pipeline_class, component=policy.component)
     acc.wait_for_everyone()
     return FinetuneResult(adapter=out, epochs=end_epoch, metrics=rows)
 
@@ -251,11 +295,10 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     trajectory), clipfrac, approx_kl, grad_norm.
     """
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
-    ts = ro.timesteps
-    prev_ts = [ts[i + 1] if i + 1 < N else torch.tensor(-1) for i in range(N)]
-    weights = [step_weight(policy.schedule, ts[i], prev_ts[i], cfg.eta) if cfg.step_weighting == "pred" else 1.0
+    ts, prev_ts = zip(*policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
+    weights = [step_weight(policy, ts[i], prev_ts[i], g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
                for i in range(N)]
-    train_model, plain_model = unet_denoiser(ddp_unet), unet_denoiser(unet)
+    train_model, plain_model = policy.denoiser(ddp_unet), policy.denoiser(unet)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -266,12 +309,12 @@ def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train
     for _ in range(cfg.inner_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, cfg.minibatch_size):
-            rows = perm[start:start + cfg.minibatch_size].to(ro.cond.device)
+            rows = perm[start:start + cfg.minibatch_size].to(ro.latents.device)
             steps = torch.randperm(N, generator=gen)[:n_train].tolist()
             for k, i in enumerate(steps):
                 t, prev_t = ts[i], prev_ts[i]
                 x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
-                cond = ro.cond[rows]
+                cond = map_cond(ro.cond, lambda v: v[rows])
                 with torch.no_grad(), base_model(unet):
                     pre, eps_pre = evaluate_transition(plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
                 # accumulate over the trajectory's steps; all-reduce the gradients once, at the last

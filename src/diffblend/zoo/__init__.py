@@ -8,12 +8,11 @@ prompts are ``"7"``, ``"a digit 7"``, ``"seven"``... (see ``zoo.data``). The dig
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..generation import quiet_loading
 from .data import parse_digit, prompt_for
 
 __all__ = ["load_default_pipeline", "weights_dir", "parse_digit", "prompt_for", "quiet_loading"]
@@ -35,21 +34,3 @@ def load_default_pipeline(device: str | Any = "cpu", progress_bar: bool = False)
         pipe = DigitsPipeline.from_pretrained(str(weights_dir("base")))
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe.to(device)
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Hide diffusers' and transformers' loading bars (milliseconds for these tiny files), then restore them."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()

@@ -37,17 +37,9 @@ class DemoResult:
 
 def reward_names_for(adapters: Sequence[str], always: Sequence[str] = ("legibility",)) -> list[str]:
     """Registered rewards to report: the ones the adapters are named after, then ``always``."""
-    from ..rewards import canonical_name
+    from ..generation import reward_names_for as names_for
 
-    names: list[str] = []
-    for a in (*adapters, *always):
-        try:
-            n = canonical_name(a)
-        except KeyError:
-            continue
-        if n not in names:
-            names.append(n)
-    return names
+    return names_for(adapters, always)
 
 
 def blend_sweep(bp: Any, pair: tuple[str, str], prompts: Sequence[str], ws: Sequence[float],

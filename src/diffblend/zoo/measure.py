@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from ..weights import parse_weights
-    from ..commands.generate import parse_adapters
+    from ..generation import parse_adapters
     from .generate import load_blend_pipeline, resolve_weight_names
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

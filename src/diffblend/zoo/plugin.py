@@ -1,0 +1,51 @@
+"""The zoo as a plug-in of :mod:`diffblend.registry`: its pipeline class, the default model and the
+``legibility`` reward. The library never imports the zoo; the registry runs :func:`register`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["register", "adapters_dir"]
+
+LEGIBILITY = "log-probability of the prompted digit under the shipped digit classifier: <= 0, higher = more legible"
+
+
+def adapters_dir() -> Path:
+    """The folder of the shipped adapters and their manifest.json."""
+    return Path(str(resources.files("diffblend.zoo").joinpath("adapters")))
+
+
+def _adapters(include_oracles: bool = False) -> dict[str, Path]:
+    from ..generation import adapters_in
+
+    return adapters_in(adapters_dir(), include_oracles)
+
+
+def _load(device="cpu"):  # noqa: ANN001, ANN202
+    from . import load_default_pipeline
+
+    return load_default_pipeline(device=device)
+
+
+def _legibility_factory(device="cpu", path=None):  # noqa: ANN001, ANN202
+    from .legibility import legibility
+
+    return legibility(device=device, path=path)
+
+
+def _digits_pipeline() -> type:
+    from .pipeline import DigitsPipeline
+
+    return DigitsPipeline
+
+
+def register() -> None:
+    """Register DigitsPipeline, the embedded digits model as the default, and the legibility reward."""
+    from ..registry import DefaultModel, register_default_model, register_pipeline_class
+    from ..rewards import register_reward
+
+    register_pipeline_class("DigitsPipeline", _digits_pipeline)
+    register_default_model(DefaultModel(load=_load, adapters=_adapters, adapters_dir=adapters_dir(),
+                                        report_rewards=("legibility",)))
+    register_reward("legibility", LEGIBILITY)(_legibility_factory)
