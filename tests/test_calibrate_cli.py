@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffblend.cli import main
@@ -31,3 +32,28 @@ def test_calibrate_then_generate_prints_standardised_rewards(tmp_path, capsys):
     z = float(line.split("boldness ")[1].split(",")[0])
     assert abs(z) < 1e-3  # the base model's own images (same seeds) have mean z = 0
     assert torch.isfinite(torch.tensor(z))
+
+
+def test_finetune_and_sweep_use_the_calibration(tmp_path):
+    """finetune trains on, and sweep records, the standardised rewards of the manifest."""
+    from diffblend.evaluate.records import read_records
+    from diffblend.rewards.calibration import save_calibration
+    from diffblend.train import resolve_reward
+
+    cal = save_calibration(tmp_path / "cal.json", {"boldness": {"mean": 0.25, "std": 0.05, "n": 10}})
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    raw = resolve_reward("boldness")(images, ["1", "2", "3"], None)[0]
+    z = resolve_reward("boldness", calibration=str(cal))(images, ["1", "2", "3"], None)[0]
+    torch.testing.assert_close(z, (raw - 0.25) / 0.05)
+    with pytest.raises(ValueError, match="legibility"):  # not in the manifest: named
+        resolve_reward("boldness=0.5,legibility=0.5", calibration=str(cal))
+
+    out = tmp_path / "rec.jsonl"
+    assert main(["sweep", "--methods", "base", "--score", "boldness", "--prompts", "3", "--seeds", "2", "--steps",
+                 "2", "--calibration", str(cal), "-o", str(out), "--no-progress"]) == 0
+    plain = tmp_path / "plain.jsonl"
+    assert main(["sweep", "--methods", "base", "--score", "boldness", "--prompts", "3", "--seeds", "2", "--steps",
+                 "2", "-o", str(plain), "--no-progress"]) == 0
+    for a, b in zip(read_records(out), read_records(plain)):
+        assert abs(a["rewards"]["boldness"] - (b["rewards"]["boldness"] - 0.25) / 0.05) < 1e-4
+        assert a["run"]["calibration"] == str(cal) and b["run"]["calibration"] is None

@@ -26,6 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the embedded digits model)")
     p.add_argument("--prompts", default=None,
                    help="comma-separated prompts drawn for the rollouts (default: the digits 0,...,9)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a reward calibration manifest (diffblend calibrate): train on each reward standardised "
+                        "against the base model's images, (r - mean) / std, so the weights of NAME=W,... mean the "
+                        "same on every reward")
     p.add_argument("--monitor", default="",
                    help="comma-separated rewards logged (not trained) on the rollouts, e.g. legibility")
     p.add_argument("--epochs", type=int, default=30, help="rollout + update rounds (default 30)")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompts {args.prompts!r} has an empty prompt; expected comma-separated prompts")
     monitor = tuple(m.strip() for m in args.monitor.split(",") if m.strip())
     cfg = FinetuneConfig(
-        reward=args.reward, kl=args.kl, model=args.model, prompts=prompts, monitor=monitor, rank=args.rank, epochs=args.epochs,
+        reward=args.reward, calibration=args.calibration, kl=args.kl, model=args.model, prompts=prompts, monitor=monitor, rank=args.rank, epochs=args.epochs,
         prompts_per_epoch=args.prompts_per_epoch, samples_per_prompt=args.samples_per_prompt,
         num_steps=args.steps, guidance_scale=args.guidance_scale, minibatch_size=args.minibatch_size,
         timestep_fraction=args.timestep_fraction, clip_range=args.clip_range, lr=args.lr,

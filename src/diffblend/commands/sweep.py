@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the pair of rewards of --weights, comma-separated (default model: the pair of its MORL oracles; "
                         "toy: right,up)")
     p.add_argument("--score", default="", help="rewards to score every image with (default: all registered / the toy's)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="score with every reward standardised by a calibration manifest (diffblend calibrate): "
+                        "(r - mean) / std of the base model's images; stored with the records' settings")
     p.add_argument("--methods", default="base,mpa,ls,soup,rgg,code,morl", help=f"comma-separated among {METHOD_HELP}")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1",
                    help="w of the second reward of the pair (the first gets 1 - w)")
@@ -80,7 +83,8 @@ def build_backend(args: argparse.Namespace):
         from ..evaluate.pipelines import default_backend
 
         return default_backend(score or None, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                               non_differentiable=args.rgg_non_differentiable, device=args.device)
+                               non_differentiable=args.rgg_non_differentiable, device=args.device,
+                               calibration=args.calibration)
     from ..evaluate.pipelines import DiffusersBackend
     from ..generation import load_pipeline
 
@@ -99,11 +103,11 @@ def build_backend(args: argparse.Namespace):
     pipe = load_pipeline(args.model, device=args.device)
     return DiffusersBackend(pipe, adapters, score or list(adapters), oracles=oracles, num_steps=args.steps,
                             guidance_scale=args.guidance_scale, non_differentiable=args.rgg_non_differentiable,
-                            device=args.device)
+                            device=args.device, calibration=args.calibration)
 
 
 # The options that change what an image is, besides its setting (method, w, lambda), prompt and seed.
-RUN_SETTINGS = ("model", "adapter", "oracle", "score", "steps", "guidance_scale", "eta", "code_candidates",
+RUN_SETTINGS = ("model", "adapter", "oracle", "score", "calibration", "steps", "guidance_scale", "eta", "code_candidates",
                 "code_block", "rgg_kl", "rgg_gamma", "rgg_norm", "rgg_non_differentiable")
 
 

@@ -71,7 +71,8 @@ class DiffusersBackend(Backend):
                  rewards: Mapping[str, Any] | Sequence[str] = (), *,
                  oracles: Sequence[tuple[Mapping[str, float], str | Path]] = (), num_steps: int = 20,
                  guidance_scale: float = 2.0, non_differentiable: str = "error", mode: str = "auto",
-                 device: str | torch.device | None = None, noise_level: float = 0.7) -> None:
+                 device: str | torch.device | None = None, noise_level: float = 0.7,
+                 calibration: str | None = None) -> None:
         from ..pipeline import BlendPipeline
 
         if non_differentiable not in ("error", "skip"):
@@ -93,7 +94,7 @@ class DiffusersBackend(Backend):
         if not isinstance(rewards, Mapping):
             from ..rewards import get_reward
 
-            rewards = {n: get_reward(n, device=str(device or "cpu")) for n in rewards}
+            rewards = {n: get_reward(n, device=str(device or "cpu"), calibration=calibration) for n in rewards}
         self.rewards = dict(rewards)
         self.reward_names = tuple(self.rewards)
         self.non_differentiable = non_differentiable
@@ -186,7 +187,8 @@ class DiffusersBackend(Backend):
 
 
 def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20, guidance_scale: float = 2.0,
-                    non_differentiable: str = "skip", device: str = "cpu", mode: str = "auto") -> DiffusersBackend:
+                    non_differentiable: str = "skip", device: str = "cpu", mode: str = "auto",
+                    calibration: str | None = None) -> DiffusersBackend:
     """The embedded digits model with its shipped adapters (``zoo/adapters``) as a backend.
 
     Shipped adapters named after a reward are the per-reward adapters; an adapter whose manifest
@@ -202,7 +204,7 @@ def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20
     names = [canonical_name(n) for n in names]
     return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
                             guidance_scale=guidance_scale, non_differentiable=non_differentiable, mode=mode,
-                            device=device)
+                            device=device, calibration=calibration)
 
 
 def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float], Path]]]:

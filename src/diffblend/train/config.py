@@ -26,6 +26,7 @@ class FinetuneConfig:
     kl: float = 1.0  # alpha, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step (per reward unit)
     model: str | None = None  # diffusers pipeline folder; None = the embedded digits model
     prompts: tuple[str, ...] = DIGIT_PROMPTS  # prompts drawn uniformly for the rollouts
+    calibration: str | None = None  # a reward calibration manifest: train on (r - mean) / std of base images
     monitor: tuple[str, ...] = ()  # rewards only logged on the rollouts (e.g. legibility, to see reward hacking)
     # -- adapter --------------------------------------------------------------------------------
     rank: int = 4  # LoRA rank r

@@ -39,7 +39,7 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
 
 
 def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = None,
-                   device: str | torch.device = "cpu") -> RewardFn:
+                   device: str | torch.device = "cpu", calibration: str | None = None) -> RewardFn:
     """The reward function for ``spec`` (a name, or NAME=W,... for a weighted reward r(w)).
 
     Args:
@@ -48,6 +48,8 @@ def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = Non
             ``diffblend.rewards`` registry, whose names and aliases are canonicalised and whose
             weighted reward reports each component in ``info["components"]``.
         device: where the registry's reward models run.
+        calibration: a reward calibration manifest (``diffblend calibrate``): every reward is then
+            ``(r - mean) / std`` of the base model's images (registry rewards only).
 
     Raises:
         ValueError: malformed spec, weights that do not sum to 1, or an unknown name (listing the
@@ -73,7 +75,7 @@ def resolve_reward(spec: str, get_reward: Callable[[str], RewardFn] | None = Non
     try:
         if "=" in spec:
             weights = rewards.parse_reward_weights(spec)
-            return rewards.weighted_reward(weights, device=device)
-        return rewards.get_reward(spec.strip(), device=device)
+            return rewards.weighted_reward(weights, device=device, calibration=calibration)
+        return rewards.get_reward(spec.strip(), device=device, calibration=calibration)
     except KeyError as exc:  # UnknownRewardError lists the allowed names
         raise ValueError(str(exc)) from None

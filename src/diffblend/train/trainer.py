@@ -236,7 +236,7 @@ def finetune(
     if out.suffix != ".safetensors":  # before any training: save_lora would refuse it at the very end
         raise ValueError(f"the adapter path must end in .safetensors, got {str(out)!r}")
     # before the model: fail fast on a bad name
-    reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device)
+    reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device, calibration=cfg.calibration)
     monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
     policy = policy or load_policy(cfg.model, acc.device, cfg.decode_chunk)
     unet, params, opt, train_gen = _with_adapter(cfg, policy, acc, state)
