@@ -69,15 +69,11 @@ def merge_adapters(shipped: dict, extra: dict[str, str], replace: bool, flag: st
     return {**shipped, **extra}
 
 
-def run(args: argparse.Namespace) -> int:
-    from ._util import set_threads
-
-    set_threads(args.threads)
-    from ..generation import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
-        score_images, shipped_adapters
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is loaded (one line naming the flag on a bad value)."""
     from ..checks import check_count, check_guidance_scale, check_output_file, check_seed
     from ..generation import image_format
-    from ._util import check_device, parse_weights
+    from ._util import check_device
 
     check_device(args.device)
     check_count(args.num_images, "--num-images")
@@ -94,6 +90,37 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--ls-draws {args.ls_draws} applies to --method ls, got --method {args.method}")
     if args.weights is None and (args.kl_strength != 1.0 or args.method != "mpa"):
         raise ValueError("--kl-strength and --method blend adapters: give --weights too (without it, the base model)")
+
+
+def print_rewards(images, batch: list[str], calibration: str | None) -> None:
+    """The mean of every option-free reward over the images (standardised with a calibration manifest)."""
+    from ..generation import score_images
+    from ..rewards import available_rewards
+
+    names = available_rewards()
+    if calibration:  # the rewards the manifest standardises
+        from ..rewards.calibration import load_calibration
+
+        names = [n for n in names if n in load_calibration(calibration)]
+    parts = []
+    for name in names:
+        try:
+            score = score_images(images, batch, [name], calibration=calibration)[name]
+            parts.append(f"{name} {float(score.mean()):.4f}")
+        except ValueError:  # e.g. legibility of a prompt that names no digit
+            parts.append(f"{name} n/a")
+    print(("mean calibrated rewards (base-model sd units): " if calibration else "mean rewards: ") + ", ".join(parts))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._util import set_threads
+
+    set_threads(args.threads)
+    from ..generation import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
+        shipped_adapters
+    from ._util import parse_weights
+
+    check_args(args)
     prompts = args.prompt or ["7"]
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
@@ -113,20 +140,5 @@ def run(args: argparse.Namespace) -> int:
     what = "base model" if weights is None else f"{args.method} w={weights} lambda={args.kl_strength}"
     print(f"wrote {out} ({len(prompts)} prompt(s) x {args.num_images} images, {what})")
     if not args.no_scores and args.model is None:
-        from ..rewards import available_rewards
-
-        names = available_rewards()
-        if args.calibration:  # the rewards the manifest standardises
-            from ..rewards.calibration import load_calibration
-
-            names = [n for n in names if n in load_calibration(args.calibration)]
-        parts = []
-        for name in names:
-            try:
-                score = score_images(images, batch, [name], calibration=args.calibration)[name]
-                parts.append(f"{name} {float(score.mean()):.4f}")
-            except ValueError:  # e.g. legibility of a prompt that names no digit
-                parts.append(f"{name} n/a")
-        print(("mean calibrated rewards (base-model sd units): " if args.calibration else "mean rewards: ")
-              + ", ".join(parts))
+        print_rewards(images, batch, args.calibration)
     return 0
