@@ -130,7 +130,7 @@ def test_rgg_and_code_refuse_flow_models(tmp_path):
 
 
 # -- Flux: at the model level in CI (FluxPipeline's default size, 128 * vae factor pixels, is an attribute that
-# save_pretrained does not keep, so a saved tiny folder runs at 256x256: its CLI test below is marked slow)
+# save_pretrained does not keep, so a saved tiny folder runs at 256x256: its CLI test below takes ~25 s)
 
 @pytest.mark.parametrize("true_cfg", [1.0, 3.0])
 def test_flux_model_matches_the_pipelines_own_step(true_cfg):
@@ -177,7 +177,7 @@ def test_flux_finetune_and_blend_at_the_model_level(tmp_path):
     assert mpa.x0.shape == base.x0.shape == (1, 16, 16) and not torch.allclose(mpa.x0, base.x0)
 
 
-@pytest.mark.slow  # ~25 s on one CPU thread: a saved Flux folder runs at FluxPipeline's default 256x256 here
+# ~25 s on one CPU thread (a saved Flux folder runs at FluxPipeline's default 256x256 here): run in CI all the same
 def test_flux_folder_through_the_cli(tmp_path):
     """finetune, sweep and generate --model DIR on a saved tiny Flux folder (its T5 tokenizer built offline)."""
     from diffblend.evaluate.records import read_records
