@@ -70,6 +70,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
 
 def _ensure_builtins() -> None:
     from . import builtin  # noqa: F401  (registers the built-in rewards on import)
+    from . import colour  # noqa: F401  (the colour model's rewards)
 
 
 def available_rewards() -> list[str]:

@@ -110,8 +110,8 @@ def render(attrs: Mapping[str, torch.Tensor], g: torch.Generator, size: int = IM
 
 
 def prompt_for(attrs: Mapping[str, int], named: Sequence[str] | None = None) -> str:
-    """The prompt for one scene's attribute indices, naming ``named`` (default: all five)."""
-    named = set(ATTRIBUTES) if named is None else set(named)
+    """The prompt for one scene's attribute indices, naming ``named`` (default: every attribute given)."""
+    named = {k for k in ATTRIBUTES if k in attrs} if named is None else set(named)
     if "shape" not in named:
         raise ValueError("a prompt must name the shape")
     word = {k: ATTRIBUTES[k][int(attrs[k])] for k in named}
