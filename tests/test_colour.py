@@ -116,3 +116,24 @@ def test_prompt_alignment_matches_the_classifier_by_hand(tmp_path):
     assert math.isnan(float(info["prob_size"][1])) and not math.isnan(float(info["prob_size"][0]))
     with pytest.raises(ValueError, match="one prompt per image"):
         get_reward("prompt_alignment", path=str(tmp_path))(images, prompts[:1])
+
+
+def test_colour_pipeline_saves_loads_and_generates_rgb(tmp_path):
+    from diffblend.zoo.colour.measure import generate_images, heldout_prompts, measure
+    from diffblend.zoo.colour.model import build_pipeline
+    from diffblend.zoo.generate import load_pipeline
+
+    pipe = build_pipeline(seed=0, channels=(8, 8, 8))
+    pipe.save_pretrained(str(tmp_path / "pipe"), safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "pipe"))  # a DigitsPipeline folder: the generic path loads it
+    assert type(loaded).__name__ == "DigitsPipeline" and loaded.unet.config.in_channels == 3
+    pil = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert pil.mode == "RGB" and pil.size == (32, 32)
+    prompts = heldout_prompts(4)
+    images = generate_images(loaded, prompts, steps=2, seed=0)
+    assert images.shape == (4, 3, 32, 32)
+    assert torch.equal(images, generate_images(loaded, prompts, steps=2, seed=0))  # seeded per image
+    save_attribute_classifier(AttributeClassifier(width=4), tmp_path / "clf")
+    out = measure(images, prompts, str(tmp_path / "clf"))
+    assert set(out["rewards"]) == {"prompt_alignment", "colourfulness", "jpeg_compressibility"}
+    assert 0 <= out["prompt_accuracy_all"] <= 1 and len(out["pearson"]) == 3
