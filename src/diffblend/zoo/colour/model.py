@@ -16,7 +16,7 @@ HIDDEN = 64  # text embedding width = the UNet's cross_attention_dim
 MAX_LENGTH = 12  # tokens per prompt incl. start/end; the full prompt has 9 words (11 tokens)
 CHANNELS = (32, 64, 64, 64)  # UNet block_out_channels at 32, 16, 8, 4 pixels
 
-__all__ = ["HIDDEN", "MAX_LENGTH", "CHANNELS", "unet_config", "build_pipeline"]
+__all__ = ["HIDDEN", "MAX_LENGTH", "CHANNELS", "unet_config", "build_pipeline", "load_colour_pipeline"]
 
 
 def unet_config(channels: tuple[int, ...] = CHANNELS) -> dict:
@@ -53,3 +53,14 @@ def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS) -> Any:
         unet = UNet2DConditionModel(**unet_config(channels))
     return DigitsPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                           scheduler=DDIMScheduler(**scheduler_config()))
+
+
+def load_colour_pipeline(device: str | Any = "cpu", progress_bar: bool = False) -> Any:
+    """The shipped colour model (``zoo/weights/colour_base``) on ``device``, progress bar off unless asked."""
+    from .. import quiet_loading, weights_dir
+    from ..pipeline import DigitsPipeline
+
+    with quiet_loading():
+        pipe = DigitsPipeline.from_pretrained(str(weights_dir("colour_base")))
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    return pipe.to(device)
