@@ -12,7 +12,7 @@ RUNS=${RUNS:-runs}
 OUT=src/diffblend/zoo/weights
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-python -m diffblend.zoo.colour.classifier "$RUNS/colour_classifier" --steps 1600 --seed 0
+python -m diffblend.zoo.colour.classifier "$RUNS/colour_classifier" --steps 1600 --seed 0  # shipped: 97.5 % shape, 100 % the rest, on 2000 held-out scenes
 resume=()
 [[ -f "$RUNS/colour_base/checkpoint.pt" ]] && resume=(--resume)
 python -m diffblend.zoo.colour.train "$RUNS/colour_base" --steps 1200 --batch-size 32 --seed 0 --no-progress "${resume[@]}"
