@@ -137,3 +137,19 @@ def test_colour_pipeline_saves_loads_and_generates_rgb(tmp_path):
     out = measure(images, prompts, str(tmp_path / "clf"))
     assert set(out["rewards"]) == {"prompt_alignment", "colourfulness", "jpeg_compressibility"}
     assert 0 <= out["prompt_accuracy_all"] <= 1 and len(out["pearson"]) == 3
+
+
+def test_train_colour_runs_resumes_and_exports(tmp_path):
+    from diffblend.zoo.colour.train import ColourTrainConfig, export_checkpoint, train_colour
+
+    cfg = ColourTrainConfig(steps=2, batch_size=2, channels=(8, 8, 8), log_every=1, checkpoint_every=1)
+    s = train_colour(cfg, tmp_path / "run", progress=False)
+    assert s["steps"] == 2 and math.isfinite(s["final_loss"])
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+    cfg.steps = 3
+    assert train_colour(cfg, tmp_path / "run", resume=True, progress=False)["steps"] == 3
+    assert export_checkpoint(tmp_path / "run", tmp_path / "exported") == 3
+    from diffblend.zoo.generate import load_pipeline
+
+    a, b = load_pipeline(str(tmp_path / "run" / "pipeline")), load_pipeline(str(tmp_path / "exported"))
+    assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))

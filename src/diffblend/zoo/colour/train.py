@@ -61,6 +61,26 @@ def _resume(ckpt: Path, pipe: Any, opt: Any, g: torch.Generator) -> tuple[int, d
     return int(state["step"]), state["ema"]
 
 
+def _save_ema(pipe: Any, ema: dict, out: Path) -> None:
+    """Copy the EMA weights into ``pipe`` (the model that ships) and ``save_pretrained`` it to ``out``."""
+    with torch.no_grad():
+        for k, p in _params(pipe).items():
+            p.copy_(ema[k])
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path) -> int:
+    """Save the EMA weights of ``run_dir/checkpoint.pt`` as a pipeline folder ``out`` (e.g. of a run stopped
+    early); returns the checkpoint's step."""
+    cfg = ColourTrainConfig(**{**json.loads((Path(run_dir) / "config.json").read_text())})
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels))
+    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    _save_ema(pipe, state["ema"], Path(out))
+    return int(state["step"])
+
+
 def train_colour(cfg: ColourTrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a colour model into ``run_dir``; returns ``{"steps", "first_loss", "final_loss", ...}``."""
     from tqdm.auto import tqdm
@@ -110,12 +130,7 @@ def train_colour(cfg: ColourTrainConfig, run_dir: str | Path, resume: bool = Fal
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_checkpoint(run / "checkpoint.pt", pipe, ema, opt, step, g)
     bar.close()
-    with torch.no_grad():  # the EMA weights are the model that ships
-        for k, p in named.items():
-            p.copy_(ema[k])
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    pipe.save_pretrained(str(run / "pipeline"), safe_serialization=True)
+    _save_ema(pipe, ema, run / "pipeline")
     summary = {"steps": step, "train_seconds": round(time.time() - t0, 1),
                "first_loss": losses[0] if losses else None,
                "final_loss": sum(losses[-25:]) / len(losses[-25:]) if losses else None,
@@ -136,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export", metavar="OUT", default=None,
+                   help="only save the EMA weights of RUN_DIR/checkpoint.pt as a pipeline folder OUT, and exit")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.export:
+        print(f"exported step {export_checkpoint(a.run_dir, a.export)} of {a.run_dir} to {a.export}")
+        return 0
     cfg = ColourTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     s = train_colour(cfg, a.run_dir, resume=a.resume, progress=not a.no_progress)
     print(f"trained {s['steps']} steps in {s['train_seconds']:.0f} s; loss {s['first_loss']} -> {s['final_loss']:.4f}; "
