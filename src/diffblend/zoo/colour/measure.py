@@ -58,6 +58,7 @@ def measure(images: torch.Tensor, prompts: list[str], classifier_path: str | Non
     corr = torch.corrcoef(stacked)
     out["pearson"] = {f"{a}~{b}": float(corr[i, j]) for i, a in enumerate(REWARDS) for j, b in enumerate(REWARDS)
                       if i < j}
+    out["saturated_pixels"] = float(((images <= 0.01) | (images >= 0.99)).float().mean())
     out["images"] = len(prompts)
     return out
 
@@ -87,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clip-sample", action="store_true",
+                   help="diagnostic: DDIM with clip_sample=True (x0 estimates clipped to [-1, 1]); the shipped "
+                        "scheduler and the core samplers do not clip")
     p.add_argument("-o", "--output", default=None, help="write the numbers as JSON here")
     p.add_argument("--grid", default=None, help="write a PNG grid of the first images here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     prompts = heldout_prompts(a.images)
-    images = generate_images(load_pipeline(a.model), prompts, a.steps, a.guidance_scale, a.seed)
+    pipe = load_pipeline(a.model)
+    if a.clip_sample:
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
+    images = generate_images(pipe, prompts, a.steps, a.guidance_scale, a.seed)
     result = {"settings": {k: v for k, v in vars(a).items() if k not in ("output", "grid")},
               **measure(images, prompts, a.classifier)}
     text = json.dumps(result, indent=2)
