@@ -153,3 +153,11 @@ def test_train_colour_runs_resumes_and_exports(tmp_path):
 
     a, b = load_pipeline(str(tmp_path / "run" / "pipeline")), load_pipeline(str(tmp_path / "exported"))
     assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_colour_rewards_resolve_by_name_but_stay_out_of_the_digits_default_list():
+    from diffblend.rewards import available_rewards, reward_info
+
+    assert "colourfulness" not in available_rewards() and "prompt_alignment" not in available_rewards()
+    assert {"colourfulness", "prompt_alignment"} <= set(available_rewards(include_unlisted=True))
+    assert "colourfulness" in reward_info()

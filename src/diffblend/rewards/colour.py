@@ -1,6 +1,7 @@
 """Rewards of the colour default model: ``colourfulness`` (the aesthetic proxy) and ``prompt_alignment``.
 
-Each factory returns ``fn(images, prompts, metadata) -> (scores, info)`` with images (B, C, H, W)
+Registered ``listed=False``: they resolve by name everywhere, but stay out of ``available_rewards()``'s
+default list, which the digits model's paths score every image with. Each factory returns ``fn(images, prompts, metadata) -> (scores, info)`` with images (B, C, H, W)
 float in [0, 1] and scores (B,) float32 on the images' device, higher is better.
 """
 
@@ -39,7 +40,7 @@ def colourfulness_score(images: torch.Tensor) -> torch.Tensor:
 
 @register_reward("colourfulness",
                  "Hasler-Suesstrunk (2003) colourfulness on the 0..255 scale: >= 0, higher = more colourful",
-                 aliases=("colorfulness",))
+                 aliases=("colorfulness",), listed=False)
 def colourfulness(device: str | torch.device = "cpu") -> Any:
     """The aesthetic proxy of the colour model: :func:`colourfulness_score`. Differentiable."""
 
@@ -53,6 +54,7 @@ def colourfulness(device: str | torch.device = "cpu") -> Any:
     "prompt_alignment",
     "sum over the attributes a colour-scene prompt names of their log-probability under the shipped "
     "attribute classifier: <= 0, higher = closer to the prompt",
+    listed=False,
 )
 def prompt_alignment(device: str | torch.device = "cpu", path: str | None = None) -> Any:
     """``sum_a log p(a = prompted value | image)`` over the attributes the prompt names (``zoo.colour``).

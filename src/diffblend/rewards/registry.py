@@ -45,14 +45,20 @@ class RewardSpec:
     factory: Callable[..., RewardFn]
     description: str
     aliases: tuple[str, ...] = ()
+    listed: bool = True  # in available_rewards()'s default list (False: the colour model's rewards, by name only)
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_reward(name: str, description: str, aliases: Sequence[str] = ()) -> Callable:
-    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``)."""
+def register_reward(name: str, description: str, aliases: Sequence[str] = (), listed: bool = True) -> Callable:
+    """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``).
+
+    ``listed=False`` keeps the reward out of :func:`available_rewards`'s default list, which the digits
+    model's paths score every image with (the colour model's rewards do not apply to digits); it still
+    resolves by name everywhere and shows in :func:`reward_info`.
+    """
 
     def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         for n in (name, *aliases):
@@ -60,7 +66,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = ()) ->
                 raise ValueError(f"reward name {n!r} is already registered")
             if not n or any(c in n for c in "=,"):
                 raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
-        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases))
+        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases), bool(listed))
         for a in aliases:
             _ALIASES[a] = name
         return factory
@@ -73,10 +79,11 @@ def _ensure_builtins() -> None:
     from . import colour  # noqa: F401  (the colour model's rewards)
 
 
-def available_rewards() -> list[str]:
-    """The canonical names of the registered rewards, sorted."""
+def available_rewards(include_unlisted: bool = False) -> list[str]:
+    """The canonical names of the registered rewards, sorted (those registered ``listed=False`` only with
+    ``include_unlisted``)."""
     _ensure_builtins()
-    return sorted(_REGISTRY)
+    return sorted(n for n, s in _REGISTRY.items() if s.listed or include_unlisted)
 
 
 def reward_info() -> dict[str, str]:
