@@ -161,3 +161,15 @@ def test_colour_rewards_resolve_by_name_but_stay_out_of_the_digits_default_list(
     assert "colourfulness" not in available_rewards() and "prompt_alignment" not in available_rewards()
     assert {"colourfulness", "prompt_alignment"} <= set(available_rewards(include_unlisted=True))
     assert "colourfulness" in reward_info()
+
+
+def test_colour_schedules():
+    from diffusers import DDIMScheduler
+
+    from diffblend.zoo.colour.model import colour_scheduler_config
+
+    ab = lambda s: float(DDIMScheduler(**colour_scheduler_config(s)).alphas_cumprod[-1])
+    assert ab("linear") == pytest.approx(4.0e-5, rel=0.05)  # the digits' schedule
+    assert ab("scaled_linear") == pytest.approx(0.0047, rel=0.05)  # SD's
+    with pytest.raises(ValueError, match="schedule must be"):
+        colour_scheduler_config("cosine")

@@ -38,7 +38,17 @@ def unet_config(channels: tuple[int, ...] = CHANNELS) -> dict:
     )
 
 
-def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS) -> Any:
+def colour_scheduler_config(schedule: str = "linear") -> dict:
+    """DDIM config: ``"linear"`` is the digits' (alpha_bar_999 = 4e-5); ``"scaled_linear"`` is SD's betas
+    (0.00085..0.012 on sqrt scale, alpha_bar_999 = 0.0047), which amplifies epsilon errors far less at t = 999."""
+    if schedule == "linear":
+        return scheduler_config()
+    if schedule == "scaled_linear":
+        return {**scheduler_config(), "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    raise ValueError(f"schedule must be 'linear' or 'scaled_linear', got {schedule!r}")
+
+
+def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS, schedule: str = "linear") -> Any:
     """A colour ``DigitsPipeline`` with freshly initialised weights (from ``seed``), for training."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -52,7 +62,7 @@ def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS) -> Any:
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(**unet_config(channels))
     return DigitsPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                          scheduler=DDIMScheduler(**scheduler_config()))
+                          scheduler=DDIMScheduler(**colour_scheduler_config(schedule)))
 
 
 def load_colour_pipeline(device: str | Any = "cpu", progress_bar: bool = False) -> Any:

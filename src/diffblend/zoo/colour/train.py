@@ -39,6 +39,7 @@ class ColourTrainConfig:
     full_prompt_prob: float = 0.7  # else the prompt names a random subset of the attributes
     ema_decay: float = 0.995  # cap of the EMA decay (warm-up min(cap, (1+n)/(10+n)))
     channels: tuple[int, ...] = CHANNELS  # UNet block_out_channels
+    schedule: str = "linear"  # DDIM betas: "linear" (the digits') or "scaled_linear" (SD's)
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 100
@@ -75,7 +76,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path) -> int:
     """Save the EMA weights of ``run_dir/checkpoint.pt`` as a pipeline folder ``out`` (e.g. of a run stopped
     early); returns the checkpoint's step."""
     cfg = ColourTrainConfig(**{**json.loads((Path(run_dir) / "config.json").read_text())})
-    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels))
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule)
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
     _save_ema(pipe, state["ema"], Path(out))
     return int(state["step"])
@@ -90,7 +91,7 @@ def train_colour(cfg: ColourTrainConfig, run_dir: str | Path, resume: bool = Fal
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", asdict(cfg))
-    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels))
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule)
     pipe.set_progress_bar_config(disable=True)
     named = _params(pipe)
     opt = torch.optim.AdamW(named.values(), lr=cfg.lr, weight_decay=0.0)
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=ColourTrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--schedule", default="linear", choices=("linear", "scaled_linear"))
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export", metavar="OUT", default=None,
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.export:
         print(f"exported step {export_checkpoint(a.run_dir, a.export)} of {a.run_dir} to {a.export}")
         return 0
-    cfg = ColourTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+    cfg = ColourTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, schedule=a.schedule)
     s = train_colour(cfg, a.run_dir, resume=a.resume, progress=not a.no_progress)
     print(f"trained {s['steps']} steps in {s['train_seconds']:.0f} s; loss {s['first_loss']} -> {s['final_loss']:.4f}; "
           f"pipeline: {s['pipeline']}")
