@@ -46,17 +46,21 @@ class RewardSpec:
     description: str
     aliases: tuple[str, ...] = ()
     needs_model: bool = False  # needs options (a model folder, a url) or a package: not in the default set
+    listed: bool = True  # False: a model-specific reward (the colour model's), resolved by name only
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_reward(name: str, description: str, aliases: Sequence[str] = (), needs_model: bool = False) -> Callable:
+def register_reward(name: str, description: str, aliases: Sequence[str] = (), needs_model: bool = False,
+                    listed: bool = True) -> Callable:
     """Decorator: register ``factory(device="cpu", **options) -> fn`` under ``name`` (and ``aliases``).
 
     ``needs_model``: the reward needs a model folder, a url or an extra package, so it is left out of
     :func:`available_rewards`' default set (what sweeps and ``generate`` score with when not told).
+    ``listed=False``: a reward of one model only (the colour model's rewards do not apply to digits): also out
+    of the default set; it still resolves by name everywhere and shows in :func:`reward_info`.
     """
 
     def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
@@ -65,7 +69,7 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = (), ne
                 raise ValueError(f"reward name {n!r} is already registered")
             if not n or any(c in n for c in "=,"):
                 raise ValueError(f"reward name {n!r} must be non-empty and contain no '=' or ','")
-        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases), needs_model)
+        _REGISTRY[name] = RewardSpec(name, factory, description, tuple(aliases), needs_model, bool(listed))
         for a in aliases:
             _ALIASES[a] = name
         return factory
@@ -75,17 +79,19 @@ def register_reward(name: str, description: str, aliases: Sequence[str] = (), ne
 
 def _ensure_builtins() -> None:
     # registers the built-in rewards on import; the model rewards import their heavy packages lazily
-    from . import aesthetic, builtin, clip, hps, http, imagereward, ocr  # noqa: F401
+    from . import aesthetic, builtin, clip, colour, hps, http, imagereward, ocr  # noqa: F401
     from ..registry import load_plugins
 
-    load_plugins()  # plug-ins' rewards (the zoo's legibility)
+    load_plugins()  # plug-ins' rewards (the zoo's legibility and prompt_alignment)
 
 
-def available_rewards(include_models: bool = False) -> list[str]:
+def available_rewards(include_models: bool = False, include_unlisted: bool = False) -> list[str]:
     """The canonical names of the registered rewards that run without options, sorted (the default set
-    of sweeps and ``generate``); ``include_models=True`` adds those that need a model, url or package."""
+    of sweeps and ``generate``); ``include_models=True`` adds those that need a model, url or package,
+    ``include_unlisted=True`` the rewards of one model only (registered ``listed=False``)."""
     _ensure_builtins()
-    return sorted(n for n, s in _REGISTRY.items() if include_models or not s.needs_model)
+    return sorted(n for n, s in _REGISTRY.items()
+                  if (include_models or not s.needs_model) and (include_unlisted or s.listed))
 
 
 def reward_info() -> dict[str, str]:

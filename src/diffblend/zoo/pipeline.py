@@ -8,8 +8,9 @@ loop, ``callback_on_step_end`` and the LoRA loader mixin (``load_lora_weights`` 
 ``save_lora_weights``) behave as in SD, so code written for SD runs on it unchanged.
 
 Image convention: samples live in [-1, 1]; outputs are ink intensities in [0, 1] (light strokes on
-black), 1 channel, 16x16 for the shipped model. ``output_type``: ``"pt"`` (B, 1, H, W) float in
-[0, 1], ``"np"`` (B, H, W, 1), ``"pil"`` (list of mode-"L" images), ``"latent"`` (raw [-1, 1]).
+black), 1 channel, 16x16 for the shipped model; the colour model (``zoo.colour``) is the same class with
+3 channels at 32x32. ``output_type``: ``"pt"`` (B, C, H, W) float in [0, 1], ``"np"`` (B, H, W, C),
+``"pil"`` (list of mode-"L" images, or "RGB" for C = 3), ``"latent"`` (raw [-1, 1]).
 """
 
 from __future__ import annotations
@@ -215,4 +216,6 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return arr
         from PIL import Image
 
-        return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in arr]
+        px = (arr * 255).round().astype(np.uint8)
+        return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a, mode="RGB")
+                for a in px]  # grey (the digits) or RGB (the colour model)

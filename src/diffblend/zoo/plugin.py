@@ -34,6 +34,12 @@ def _legibility_factory(device="cpu", path=None):  # noqa: ANN001, ANN202
     return legibility(device=device, path=path)
 
 
+def _prompt_alignment_factory(device="cpu", path=None):  # noqa: ANN001, ANN202
+    from .colour.alignment import prompt_alignment
+
+    return prompt_alignment(device=device, path=path)
+
+
 def _digits_pipeline() -> type:
     from .pipeline import DigitsPipeline
 
@@ -41,11 +47,14 @@ def _digits_pipeline() -> type:
 
 
 def register() -> None:
-    """Register DigitsPipeline, the embedded digits model as the default, and the legibility reward."""
+    """Register DigitsPipeline, the embedded digits model as the default, the legibility reward and the colour
+    model's prompt_alignment reward."""
     from ..registry import DefaultModel, register_default_model, register_pipeline_class
     from ..rewards import register_reward
+    from .colour.alignment import PROMPT_ALIGNMENT
 
     register_pipeline_class("DigitsPipeline", _digits_pipeline)
     register_default_model(DefaultModel(load=_load, adapters=_adapters, adapters_dir=adapters_dir(),
                                         report_rewards=("legibility",)))
     register_reward("legibility", LEGIBILITY)(_legibility_factory)
+    register_reward("prompt_alignment", PROMPT_ALIGNMENT, listed=False)(_prompt_alignment_factory)

@@ -34,7 +34,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab: dict[str, int] = {}
     for tok in ("<|startoftext|>", "<|endoftext|>"):
         vocab[tok] = len(vocab)
@@ -44,7 +44,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
-    for word in vocabulary_words():
+    for word in (vocabulary_words() if words is None else words):
         if len(word) < 2:
             continue
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
@@ -83,17 +83,18 @@ def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], model_m
                              model_max_length=model_max_length)
 
 
-def build_tokenizer() -> Any:
-    """A ``transformers.CLIPTokenizer`` over the small vocabulary, ``model_max_length`` = MAX_LENGTH."""
-    vocab, merges = _vocab_and_merges()
-    return clip_tokenizer(vocab, merges, MAX_LENGTH)
+def build_tokenizer(words: list[str] | None = None, max_length: int = MAX_LENGTH) -> Any:
+    """A ``transformers.CLIPTokenizer`` over the small vocabulary (the digits' words, or ``words``: one
+    whole-word token each), ``model_max_length`` = ``max_length``."""
+    vocab, merges = _vocab_and_merges(words)
+    return clip_tokenizer(vocab, merges, max_length)
 
 
-def text_encoder_config(vocab_size: int) -> dict:
-    """Config of the tiny ``CLIPTextModel`` (2 layers, width 32)."""
+def text_encoder_config(vocab_size: int, hidden: int = HIDDEN, max_length: int = MAX_LENGTH) -> dict:
+    """Config of the tiny ``CLIPTextModel`` (2 layers, width ``hidden``, 32 for the digits)."""
     return dict(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=HIDDEN,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=hidden,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
 
@@ -119,11 +120,12 @@ def portable_text_encoder_file(folder: str | Path) -> None:
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
-def build_text_encoder(vocab_size: int, seed: int = 0) -> Any:
-    """A freshly initialised tiny ``transformers.CLIPTextModel`` (weights from ``seed``)."""
+def build_text_encoder(vocab_size: int, seed: int = 0, **config: Any) -> Any:
+    """A freshly initialised tiny ``transformers.CLIPTextModel`` (weights from ``seed``); ``config``:
+    ``hidden`` / ``max_length`` of :func:`text_encoder_config`."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):  # initialisation uses the global RNG; keep it unchanged
         torch.manual_seed(seed)
-        return CLIPTextModel(CLIPTextConfig(**text_encoder_config(vocab_size)))
+        return CLIPTextModel(CLIPTextConfig(**text_encoder_config(vocab_size, **config)))
