@@ -17,14 +17,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         IsADirectoryError: ``path`` is a folder (named in the message, not the temporary file).
         NotADirectoryError: a parent of ``path`` is a file.
     """
+    from .checks import check_output_file
+
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a folder; give a file name (e.g. {str(path / 'out.png')!r})")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            break
+    check_output_file(str(path), arg="")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

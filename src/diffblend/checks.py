@@ -44,15 +44,17 @@ def check_count(value: object, arg: str, minimum: int = 1) -> int:
 
 
 def check_output_file(path: str, arg: str = "-o") -> str:
-    """``path`` if a file can be written there (not a folder, no parent that is a file), checked before any work."""
+    """``path`` if a file can be written there (not a folder, no parent that is a file), checked before any work;
+    the errors name ``arg`` (the flag or keyword; "" for none)."""
     from pathlib import Path
 
     p = Path(path)
+    what = f"{arg} {str(path)!r}" if arg else repr(str(path))
     if p.is_dir():
-        raise IsADirectoryError(f"{arg} {path!r} is a folder; give a file name (e.g. {str(p / 'out.png')!r})")
+        raise IsADirectoryError(f"{what} is a folder; give a file name (e.g. {str(p / 'out.png')!r})")
     for parent in p.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise NotADirectoryError(f"{arg} {path!r}: {str(parent)!r} is a file, not a folder")
+                raise NotADirectoryError(f"cannot write {what}: {str(parent)!r} is a file, not a folder")
             break
-    return path
+    return str(path)
