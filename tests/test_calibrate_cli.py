@@ -57,3 +57,25 @@ def test_finetune_and_sweep_use_the_calibration(tmp_path):
     for a, b in zip(read_records(out), read_records(plain)):
         assert abs(a["rewards"]["boldness"] - (b["rewards"]["boldness"] - 0.25) / 0.05) < 1e-4
         assert a["run"]["calibration"] == str(cal) and b["run"]["calibration"] is None
+
+
+def test_a_weighted_reward_spec_takes_model_reward_folders(tmp_path):
+    """finetune --reward DIR_A=0.25,DIR_B=0.75 (resolve_reward): folders with a reward.json (a model reward and its
+    options) in a weighted spec score w_a r_a + w_b r_b."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers_rewards import tiny_clip
+
+    from diffblend.rewards import get_reward
+    from diffblend.train import resolve_reward
+
+    a, b = tiny_clip(tmp_path / "clip_a", seed=0), tiny_clip(tmp_path / "clip_b", seed=1)
+    (a / "reward.json").write_text(json.dumps({"factory": "clip_score"}))
+    (b / "reward.json").write_text(json.dumps({"factory": "pickscore", "options": {"offset": 0.0}}))
+    x, prompts = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a cat", "a dog"]
+    both = resolve_reward(f"{a}=0.25,{b}=0.75")(x, prompts, None)[0]
+    ra = get_reward("clip_score", path=str(a))(x, prompts, None)[0]
+    rb = get_reward("pickscore", path=str(b), offset=0.0)(x, prompts, None)[0]
+    torch.testing.assert_close(both, 0.25 * ra + 0.75 * rb)

@@ -120,8 +120,9 @@ def canonical_name(name: str) -> str:
 def parse_reward_weights(text: str) -> dict[str, float]:
     """``"jpeg_compressibility=0.5,legibility=0.5"`` -> ``{"jpeg_compressibility": 0.5, "legibility": 0.5}``.
 
-    Names are canonicalised (aliases resolved) and must be registered; weights must be finite and
-    >= 0 with a positive sum (they are not renormalised: r(w) = sum_i w_i r_i as written).
+    Names are canonicalised (aliases resolved) and must be registered, or be a folder holding a
+    ``reward.json`` (kept as written: a model reward with its options, e.g. ``pickscore_dir=0.5,aes_dir=0.5``);
+    weights must be finite and >= 0 with a positive sum (they are not renormalised: r(w) = sum_i w_i r_i as written).
 
     Raises:
         ValueError / UnknownRewardError: naming the malformed item.
@@ -130,7 +131,7 @@ def parse_reward_weights(text: str) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for name, w in parse_weights(text, what="reward weights", example="legibility=0.5", nonnegative=True).items():
-        key = canonical_name(name)
+        key = name if (Path(name) / "reward.json").is_file() else canonical_name(name)
         if key in out:
             raise ValueError(f"reward weights name {key!r} twice")
         out[key] = w
