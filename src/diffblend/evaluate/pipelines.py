@@ -201,7 +201,7 @@ def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20
     per_reward, oracles = shipped_adapter_roles()
     pipe = load_pipeline(None, device=device)
     names = list(rewards) if rewards else available_rewards()
-    names = [canonical_name(n) for n in names]
+    names = [n if (Path(n) / "reward.json").is_file() else canonical_name(n) for n in names]  # folders as given
     return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
                             guidance_scale=guidance_scale, non_differentiable=non_differentiable, mode=mode,
                             device=device, calibration=calibration)
