@@ -28,12 +28,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--mode", choices=("auto", "batched", "sequential"), default="auto",
                    help="how MPA runs the adapters (default auto)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="let --adapter NAME=PATH replace a shipped adapter of the same name (refused otherwise)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ._util import check_device, set_threads
-    from .generate import parse_adapters
+    from .generate import merge_adapters, parse_adapters
 
     set_threads(args.threads)
     check_device(args.device)
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import shipped_adapters
 
     extra = parse_adapters(args.adapter)
-    adapters = {**(shipped_adapters() if args.model is None else {}), **extra}
+    adapters = merge_adapters(shipped_adapters() if args.model is None else {}, extra, args.replace_shipped)
     session = make_session(args.model, adapters, device=args.device, rewards=args.reward, records=args.records,
                            mode=args.mode)
     print(f"diffblend app: adapters {', '.join(session.adapter_names)}; rewards {', '.join(session.rewards)}")
