@@ -285,13 +285,20 @@ class Blender:
         """Per-sample soups: weights cannot differ within one forward, so one forward per distinct blend
         over the rows of its samples (row r is sample r % (B // G)), results put back in row order."""
         n = B // groups
-        out, result = None, None
         groups_of = blend.distinct()
-        for soup, samples in groups_of:
-            rows = torch.tensor([g * n + j for g in range(groups) for j in samples], device=call[self._sample_arg].device)
-            sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()} \
-                if len(samples) < n else call
-            with self._soup(soup, merge=len(groups_of) == 1):
+        return self._rows_apart(forward, call, B, (
+            (torch.tensor([g * n + j for g in range(groups) for j in samples]),
+             self._soup(soup, merge=len(groups_of) == 1)) for soup, samples in groups_of))
+
+    def _rows_apart(self, forward, call: dict, B: int, parts):
+        """One forward per ``(rows, context)`` of ``parts`` (rows ascending), over those rows of the call and
+        within its context; the results put back in row order (all rows in order: the call as it is)."""
+        out, result = None, None
+        for rows, context in parts:
+            rows = rows.to(call[self._sample_arg].device)
+            sub = call if len(rows) == B else \
+                {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()}
+            with context:
                 out = forward(**sub)
             pred = _first(out)
             if result is None:
@@ -323,14 +330,5 @@ class Blender:
 
     def _sequential_rows(self, forward, call, per_row, names, B):
         """LS in sequential mode: one forward per drawn model over the rows that drew it."""
-        out, result = None, None
-        for k in per_row.unique().tolist():
-            rows = (per_row == k).nonzero().squeeze(1).to(call[self._sample_arg].device)
-            sub = {key: _map_batch(v, B, lambda t: t[rows.to(t.device)], key) for key, v in call.items()}
-            with self._one(names[k]):
-                out = forward(**sub)
-            pred = _first(out)
-            if result is None:
-                result = pred.new_empty((B, *pred.shape[1:]))
-            result[rows] = pred
-        return _replace_first(out, result)
+        return self._rows_apart(forward, call, B, (((per_row == k).nonzero().squeeze(1), self._one(names[k]))
+                                                   for k in per_row.unique().tolist()))
