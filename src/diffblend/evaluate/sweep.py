@@ -92,13 +92,14 @@ def _shards(records_path: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name)) if folder.is_dir() else []
 
 
+def _recorded(records_path: Path) -> list[tuple[Path, dict]]:
+    """(file, record) for every record in the records file and its shard files, read once."""
+    return [(src, r) for src in [records_path, *_shards(records_path)] for r in read_records(src, missing_ok=True)]
+
+
 def done_keys(records_path: str | os.PathLike) -> set:
     """Keys of every record already in the records file or any shard file."""
-    records_path = Path(records_path)
-    keys = {record_key(r) for r in read_records(records_path, missing_ok=True)}
-    for s in _shards(records_path):
-        keys |= {record_key(r) for r in read_records(s)}
-    return keys
+    return {record_key(r) for _, r in _recorded(Path(records_path))}
 
 
 def merge_shards(records_path: str | os.PathLike) -> int:
@@ -138,27 +139,30 @@ def check_run_settings(records_path: str | os.PathLike, settings: Mapping | None
     Raises:
         ValueError: naming the settings that differ, their recorded and new values, and the way out.
     """
+    _check_settings(_recorded(Path(records_path)), settings, Path(records_path))
+
+
+def _check_settings(recorded: list[tuple[Path, dict]], settings: Mapping | None, records_path: Path) -> None:
+    """:func:`check_run_settings` over records already read."""
     import warnings
 
     if settings is None:
         return
     new = _canonical(settings)
-    records_path = Path(records_path)
     legacy = 0
-    for src in [records_path, *_shards(records_path)]:
-        for rec in read_records(src, missing_ok=True):
-            old = rec.get("run")
-            if old is None:
-                legacy += 1
-                continue
-            if old != new:
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                shown = ", ".join(f"{k}: {old.get(k)!r} recorded, {new.get(k)!r} now" for k in diff)
-                raise ValueError(f"{src} holds records made with other settings ({shown}); rerun with the same "
-                                 f"settings to resume, or write to another records file (-o) - nothing is overwritten")
+    for src, rec in recorded:
+        old = rec.get("run")
+        if old is None:
+            legacy += 1
+            continue
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            shown = ", ".join(f"{k}: {old.get(k)!r} recorded, {new.get(k)!r} now" for k in diff)
+            raise ValueError(f"{src} holds records made with other settings ({shown}); rerun with the same "
+                             f"settings to resume, or write to another records file (-o) - nothing is overwritten")
     if legacy:
         warnings.warn(f"{records_path}: {legacy} record(s) predate recorded settings; cannot check that they were "
-                      f"made with the same settings as this run", stacklevel=2)
+                      f"made with the same settings as this run", stacklevel=3)
 
 
 @dataclass
@@ -233,9 +237,10 @@ def run_sweep(
         # Shards of a parallel run killed before its merge: their records count as done below, so
         # fold them into the records file now (no other process writes them), or they would be lost.
         merge_shards(records_path)
-    check_run_settings(records_path, run_settings)
+    recorded = _recorded(records_path)  # read once: checked against this run's settings, then skipped
+    _check_settings(recorded, run_settings, records_path)
     run_settings = _canonical(run_settings)
-    done = done_keys(records_path)
+    done = {record_key(r) for _, r in recorded}
     mine = list(settings)[process_index::num_processes]
     # dict.fromkeys: a prompt or seed listed twice is one image (one record), not a duplicate.
     pairs = list(dict.fromkeys((str(p), int(s)) for p in prompts for s in seeds))
