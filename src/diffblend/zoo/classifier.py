@@ -104,21 +104,29 @@ def save_classifier(model: DigitClassifier, directory: str | os.PathLike, extra:
     atomic_write_json(d / "config.json", {"width": model.width, **(extra or {})})
 
 
-def load_classifier(directory: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
-    """Load a classifier saved by :func:`save_classifier`; the shipped one when ``directory`` is None."""
+def load_saved(build, directory: str | os.PathLike | None, shipped: str, what: str,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """A network saved by :func:`save_classifier` (``model.safetensors`` + ``config.json``) in ``directory``, the
+    shipped ``weights/<shipped>`` when None: ``build(config, folder)`` makes it, then its weights are loaded;
+    returned frozen, in eval mode."""
     from safetensors.torch import load_file
 
     if directory is None:
         from . import weights_dir
 
-        directory = weights_dir("classifier")
+        directory = weights_dir(shipped)
     d = Path(directory)
     if not (d / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no classifier weights (model.safetensors) in {d}")
-    cfg = json.loads((d / "config.json").read_text())
-    model = DigitClassifier(int(cfg.get("width", 16)))
+        raise FileNotFoundError(f"no {what} weights (model.safetensors) in {d}")
+    model = build(json.loads((d / "config.json").read_text()), d)
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_classifier(directory: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> DigitClassifier:
+    """Load a classifier saved by :func:`save_classifier`; the shipped one when ``directory`` is None."""
+    return load_saved(lambda cfg, d: DigitClassifier(int(cfg.get("width", 16))), directory, "classifier",
+                      "classifier", device)
 
 
 def main(argv: list[str] | None = None) -> int:

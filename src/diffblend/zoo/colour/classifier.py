@@ -108,36 +108,24 @@ def evaluate_attribute_classifier(model: AttributeClassifier, n: int = 2000, see
 
 
 def save_attribute_classifier(model: AttributeClassifier, directory: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` and ``config.json`` (with the attributes it reads) into ``directory``."""
+    from ..classifier import save_classifier
 
-    from ..._io import atomic_write, atomic_write_json
-
-    d = Path(directory)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(d / "model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write_json(d / "config.json", {"width": model.width, "attributes": ATTRIBUTES, **(extra or {})})
+    save_classifier(model, directory, extra={"attributes": ATTRIBUTES, **(extra or {})})
 
 
 def load_attribute_classifier(directory: str | os.PathLike | None = None,
                               device: str | torch.device = "cpu") -> AttributeClassifier:
     """Load a classifier saved by :func:`save_attribute_classifier`; the shipped one when ``directory`` is None."""
-    from safetensors.torch import load_file
+    from ..classifier import load_saved
 
-    if directory is None:
-        from .. import weights_dir
+    def build(cfg: dict, d: Path) -> AttributeClassifier:
+        saved = {k: tuple(v) for k, v in cfg.get("attributes", ATTRIBUTES).items()}
+        if saved != ATTRIBUTES:
+            raise ValueError(f"the classifier in {d} was trained on other attributes ({saved}) than colour.data's")
+        return AttributeClassifier(int(cfg.get("width", 16)))
 
-        directory = weights_dir("colour_classifier")
-    d = Path(directory)
-    if not (d / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no attribute classifier weights (model.safetensors) in {d}")
-    cfg = json.loads((d / "config.json").read_text())
-    saved = {k: tuple(v) for k, v in cfg.get("attributes", ATTRIBUTES).items()}
-    if saved != ATTRIBUTES:
-        raise ValueError(f"the classifier in {d} was trained on other attributes ({saved}) than colour.data's")
-    model = AttributeClassifier(int(cfg.get("width", 16)))
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
-    return model.to(device).eval().requires_grad_(False)
+    return load_saved(build, directory, "colour_classifier", "attribute classifier", device)
 
 
 def main(argv: list[str] | None = None) -> int:
