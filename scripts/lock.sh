@@ -4,13 +4,7 @@
 # excepted: it is installed first, by hand, as the README says).
 #   bash scripts/lock.sh            # then run the tests with the new lock (.ci/run) before committing it
 set -euo pipefail
-cd "$(dirname "$0")/.."
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-python3 -m venv "$tmp/venv"
-. "$tmp/venv/bin/activate"
-python -m pip install -q --upgrade pip
-pip install -q "torch==2.13.0"   # the CPU build where the index offers it (see README)
+. "$(dirname "$0")/_fresh_venv.sh"
 pip install -q -c requirements/exclude.txt -e ".[all,dev]"
 {
   echo "# The tested set of versions: pip install -c requirements/lock.txt -e \".[all,dev]\" (see README)."
