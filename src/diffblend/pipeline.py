@@ -73,7 +73,7 @@ def _is_stochastic(pipe: Any, call_kwargs: Mapping[str, Any]) -> bool:
 
 # Keywords diffusers' SD-family pipelines still read from **kwargs (deprecated, with a warning).
 _DEPRECATED_KWARGS = ("callback", "callback_steps")
-_OWN_KWARGS = ("weights", "kl_strength", "method", "blend_seed", "normalize", "sample_keys", "mode")
+_OWN_KWARGS = ("weights", "kl_strength", "method", "blend_seed", "normalize", "sample_keys", "ls_draws", "mode")
 
 
 def check_call_kwargs(pipe: Any, kwargs: Mapping[str, Any]) -> None:
