@@ -70,6 +70,22 @@ def test_tokenizer_gives_one_token_per_word():
     tok = build_tokenizer(D.vocabulary_words(), MAX_LENGTH)
     ids = tok("a small red triangle on a striped blue background").input_ids
     assert len(ids) == 9 + 2 and len(ids) <= MAX_LENGTH
+    # every word alone is one token: "plain" and "purple" were split by merges of earlier words ("la" of
+    # "large"), which made their prompts 14 tokens, cut at 12
+    split = {w: tok.convert_ids_to_tokens(tok(w).input_ids) for w in D.vocabulary_words() if len(tok(w).input_ids) != 3}
+    assert split == {}
+    longest = "a large purple diamond on a checkered purple background"
+    assert len(tok(longest).input_ids) == 11
+
+
+def test_digits_tokenizer_is_unchanged_by_the_merge_repair():
+    from transformers import CLIPTokenizer
+
+    from diffblend.zoo import weights_dir
+    from diffblend.zoo.text import build_tokenizer
+
+    shipped = CLIPTokenizer.from_pretrained(str(weights_dir("base") / "tokenizer"))
+    assert build_tokenizer().get_vocab() == shipped.get_vocab()
 
 
 def test_colourfulness_matches_the_formula_by_hand():
@@ -153,6 +169,28 @@ def test_train_colour_runs_resumes_and_exports(tmp_path):
 
     a, b = load_pipeline(str(tmp_path / "run" / "pipeline")), load_pipeline(str(tmp_path / "exported"))
     assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_weighted_diffusion_loss_matches_the_formula_by_hand():
+    from diffblend.zoo.colour.model import build_pipeline
+    from diffblend.zoo.colour.train import weighted_diffusion_loss
+
+    pipe = build_pipeline(channels=(8, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, torch.randn(3, 3, 32, 32, generator=g)
+    t, prompts = torch.tensor([0, 500, 999]), ["a red circle", "a small blue square", ""]
+    ab = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    with torch.no_grad():
+        emb = pipe.text_encoder(pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                               return_tensors="pt").input_ids)[0]
+        err = (pipe.unet(x_t, t, encoder_hidden_states=emb).sample - noise).pow(2).mean((1, 2, 3))
+        v = weighted_diffusion_loss(pipe, x0, prompts, t, noise, "v")
+        eps = weighted_diffusion_loss(pipe, x0, prompts, t, noise, "eps")
+    assert float(eps) == pytest.approx(float(err.mean()), rel=1e-5)
+    assert float(v) == pytest.approx(float((err / ab.flatten()).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="weighting must be"):
+        weighted_diffusion_loss(pipe, x0, prompts, t, noise, "snr")
 
 
 def test_colour_rewards_resolve_by_name_but_stay_out_of_the_digits_default_list():

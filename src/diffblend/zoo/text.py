@@ -34,7 +34,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as CLIP applies it: merge the adjacent pair of lowest rank until none is left."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def _vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-style vocab and merges in which every word of ``words`` is one token.
+
+    Each word's merges run left to right (d+i, di+g, dig+i, digi+t</w>). A merge of an earlier word can
+    apply first inside a later one ("la" of "large" inside "plain"), leaving it in pieces; such a word gets
+    the merges of the pieces it is actually split into, until it is one token (checked with :func:`_bpe`)."""
     vocab: dict[str, int] = {}
     for tok in ("<|startoftext|>", "<|endoftext|>"):
         vocab[tok] = len(vocab)
@@ -44,16 +60,25 @@ def _vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], l
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
-    for word in (vocabulary_words() if words is None else words):
-        if len(word) < 2:
-            continue
+
+    def add(left: str, right: str) -> None:
+        if (left, right) not in merges:
+            merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))
+
+    words = [w for w in (vocabulary_words() if words is None else words) if len(w) >= 2]
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         left = symbols[0]
         for right in symbols[1:]:  # merge left to right: d+i, di+g, dig+i, digi+t</w>
-            if (left, right) not in merges:
-                merges.append((left, right))
+            add(left, right)
             left = left + right
-            vocab.setdefault(left, len(vocab))
+    for word in words:
+        ranks = {pair: i for i, pair in enumerate(merges)}
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:  # join the pieces left to right with merges of their own (ranked last)
+            add(pieces[0], pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     return vocab, merges
 
 

@@ -35,10 +35,13 @@ def unet_config(channels: tuple[int, ...] = CHANNELS) -> dict:
         up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",) * n_plain,
         mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=8,
+        # global conditioning: an attention-pooled prompt embedding is added to the time embedding, so every
+        # ResNet block (at every resolution) sees the prompt; colours are global attributes decided at high noise
+        addition_embed_type="text", addition_embed_type_num_heads=4,
     )
 
 
-def colour_scheduler_config(schedule: str = "linear") -> dict:
+def colour_scheduler_config(schedule: str = "scaled_linear") -> dict:
     """DDIM config: ``"linear"`` is the digits' (alpha_bar_999 = 4e-5); ``"scaled_linear"`` is SD's betas
     (0.00085..0.012 on sqrt scale, alpha_bar_999 = 0.0047), which amplifies epsilon errors far less at t = 999."""
     if schedule == "linear":
@@ -48,7 +51,7 @@ def colour_scheduler_config(schedule: str = "linear") -> dict:
     raise ValueError(f"schedule must be 'linear' or 'scaled_linear', got {schedule!r}")
 
 
-def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS, schedule: str = "linear") -> Any:
+def build_pipeline(seed: int = 0, channels: tuple[int, ...] = CHANNELS, schedule: str = "scaled_linear") -> Any:
     """A colour ``DigitsPipeline`` with freshly initialised weights (from ``seed``), for training."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
