@@ -171,11 +171,12 @@ def test_train_colour_runs_resumes_and_exports(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
 
 
-def test_weighted_diffusion_loss_matches_the_formula_by_hand():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_colour_diffusion_loss_matches_the_formula_by_hand(prediction_type):
     from diffblend.zoo.colour.model import build_pipeline
-    from diffblend.zoo.colour.train import weighted_diffusion_loss
+    from diffblend.zoo.colour.train import diffusion_loss
 
-    pipe = build_pipeline(channels=(8, 8, 8))
+    pipe = build_pipeline(channels=(8, 8, 8), prediction_type=prediction_type)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, torch.randn(3, 3, 32, 32, generator=g)
     t, prompts = torch.tensor([0, 500, 999]), ["a red circle", "a small blue square", ""]
@@ -184,13 +185,17 @@ def test_weighted_diffusion_loss_matches_the_formula_by_hand():
     with torch.no_grad():
         emb = pipe.text_encoder(pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                                return_tensors="pt").input_ids)[0]
-        err = (pipe.unet(x_t, t, encoder_hidden_states=emb).sample - noise).pow(2).mean((1, 2, 3))
-        v = weighted_diffusion_loss(pipe, x0, prompts, t, noise, "v")
-        eps = weighted_diffusion_loss(pipe, x0, prompts, t, noise, "eps")
-    assert float(eps) == pytest.approx(float(err.mean()), rel=1e-5)
-    assert float(v) == pytest.approx(float((err / ab.flatten()).mean()), rel=1e-5)
-    with pytest.raises(ValueError, match="weighting must be"):
-        weighted_diffusion_loss(pipe, x0, prompts, t, noise, "snr")
+        pred = pipe.unet(x_t, t, encoder_hidden_states=emb).sample
+        loss = diffusion_loss(pipe, x0, prompts, t, noise)
+    eps_err = (pred - noise).pow(2).mean((1, 2, 3))
+    if prediction_type == "epsilon":
+        assert float(loss) == pytest.approx(float(eps_err.mean()), rel=1e-5)
+    else:  # v = sqrt(ab) eps - sqrt(1 - ab) x0; the v loss is the epsilon error of the implied eps, / ab
+        v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        assert float(loss) == pytest.approx(float((pred - v).pow(2).mean()), rel=1e-5)
+        eps_hat = (1 - ab).sqrt() * x_t + ab.sqrt() * pred
+        implied = (eps_hat - noise).pow(2).mean((1, 2, 3)) / ab.flatten()
+        assert float(loss) == pytest.approx(float(implied.mean()), rel=1e-4)
 
 
 def test_colour_rewards_resolve_by_name_but_stay_out_of_the_digits_default_list():
@@ -209,5 +214,8 @@ def test_colour_schedules():
     ab = lambda s: float(DDIMScheduler(**colour_scheduler_config(s)).alphas_cumprod[-1])
     assert ab("linear") == pytest.approx(4.0e-5, rel=0.05)  # the digits' schedule
     assert ab("scaled_linear") == pytest.approx(0.0047, rel=0.05)  # SD's
+    assert colour_scheduler_config()["prediction_type"] == "v_prediction"
     with pytest.raises(ValueError, match="schedule must be"):
         colour_scheduler_config("cosine")
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        colour_scheduler_config("linear", "sample")

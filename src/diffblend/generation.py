@@ -47,16 +47,26 @@ def adapters_in(folder: str | Path, include_oracles: bool = False) -> dict[str, 
     return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
 
 
-def shipped_adapters(include_oracles: bool = False) -> dict[str, Path]:
-    """``{name: file}`` of the default model's shipped adapters (:mod:`diffblend.registry`; see
-    :func:`adapters_in`); empty when no default model is registered."""
+def shipped_adapters(include_oracles: bool = False, model: str | None = None) -> dict[str, Path]:
+    """``{name: file}`` of the shipped adapters of the embedded model ``model`` (None: the default;
+    :mod:`diffblend.registry`; see :func:`adapters_in`); empty when there is no such model."""
     from .registry import default_model
 
     try:
-        model = default_model()
+        embedded = default_model(model)
     except LookupError:
         return {}
-    return model.adapters(include_oracles)
+    return embedded.adapters(include_oracles)
+
+
+def embedded_name(model: str | None) -> str | None:
+    """``model`` if it names an embedded model (``digits``, ``colour``...) and no folder of that name exists
+    here, else None (a folder or hub id)."""
+    from .registry import embedded_models
+
+    if model is None or Path(model).exists():
+        return None
+    return model if model in embedded_models() else None
 
 
 @contextlib.contextmanager
@@ -78,13 +88,13 @@ def quiet_loading() -> Iterator[None]:
 
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu") -> Any:
-    """The default model (``model=None``, :mod:`diffblend.registry`) or a diffusers pipeline folder / hub
-    id (a registered non-diffusers class such as the zoo's ``DigitsPipeline`` too; components saved
-    as None, e.g. SD3 without T5, load as None)."""
+    """The default model (``model=None``), an embedded model by name (``"digits"``, ``"colour"``:
+    :mod:`diffblend.registry`) or a diffusers pipeline folder / hub id (a registered non-diffusers class
+    such as the zoo's ``DigitsPipeline`` too; components saved as None, e.g. SD3 without T5, load as None)."""
     from .registry import default_model, pipeline_class
 
-    if model is None:
-        return default_model().load(device)
+    if model is None or embedded_name(model):
+        return default_model(model).load(device)
     path = Path(model)
     if path.is_dir() and (path / "model_index.json").is_file():
         cls = pipeline_class(json.loads((path / "model_index.json").read_text()).get("_class_name"))
@@ -113,13 +123,13 @@ def load_blend_pipeline(model: str | None = None, adapters: Mapping[str, str | P
                         device: str | torch.device = "cpu", mode: str = "auto", allow_pickle: bool = False) -> Any:
     """A :class:`~diffblend.pipeline.BlendPipeline` over :func:`load_pipeline` with ``adapters``.
 
-    With ``model=None`` and no ``adapters``, the shipped adapters of the default model are loaded.
+    With an embedded model (``model=None``: the default) and no ``adapters``, its shipped adapters are loaded.
     """
     from .pipeline import BlendPipeline
 
     pipe = load_pipeline(model, device)
     if adapters is None:
-        adapters = shipped_adapters() if model is None else {}
+        adapters = shipped_adapters(model=model) if model is None or embedded_name(model) else {}
     return BlendPipeline(pipe, adapters=dict(adapters), mode=mode, allow_pickle=allow_pickle)
 
 

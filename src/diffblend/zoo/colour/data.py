@@ -42,9 +42,18 @@ RADIUS = {"small": (4.5, 6.0), "large": (9.0, 11.5)}  # half-size range in pixel
 JITTER = 3  # max centre offset in pixels
 SUPERSAMPLE = 2
 TRAIN_SEED = 0
+# The colour model's default prompts (demo, calibration, adapters, sweeps): every shape, colour, size,
+# pattern and most backgrounds, each a full prompt.
+DEFAULT_PROMPTS = (
+    "a large red circle on a striped blue background", "a small yellow square on a checkered purple background",
+    "a large white triangle on a plain green background", "a small blue diamond on a striped yellow background",
+    "a large orange square on a checkered grey background", "a small green circle on a plain black background",
+    "a large purple diamond on a striped white background", "a small red triangle on a checkered green background",
+    "a large blue circle on a plain yellow background", "a small white square on a striped red background",
+)
 HELDOUT_SEED = 10_000_019
 
-__all__ = ["IMAGE_SIZE", "ATTRIBUTES", "SHAPES", "COLOURS", "SIZES", "PATTERNS", "BACKGROUNDS", "sample_attributes",
+__all__ = ["IMAGE_SIZE", "DEFAULT_PROMPTS", "ATTRIBUTES", "SHAPES", "COLOURS", "SIZES", "PATTERNS", "BACKGROUNDS", "sample_attributes",
            "render", "make_batch", "prompt_for", "parse_prompt", "vocabulary_words", "attribute_targets"]
 
 

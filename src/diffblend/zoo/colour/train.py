@@ -23,7 +23,7 @@ from ..train_base import _lr_factor, _params, _save_checkpoint
 from .data import make_batch
 from .model import CHANNELS, build_pipeline
 
-__all__ = ["ColourTrainConfig", "train_colour", "weighted_diffusion_loss"]
+__all__ = ["ColourTrainConfig", "train_colour", "diffusion_loss"]
 
 
 @dataclass
@@ -39,8 +39,8 @@ class ColourTrainConfig:
     full_prompt_prob: float = 0.7  # else the prompt names a random subset of the attributes
     ema_decay: float = 0.995  # cap of the EMA decay (warm-up min(cap, (1+n)/(10+n)))
     channels: tuple[int, ...] = CHANNELS  # UNet block_out_channels
-    schedule: str = "scaled_linear"  # DDIM betas: "scaled_linear" (SD's) or "linear" (the digits')
-    loss_weighting: str = "v"  # "v": epsilon MSE x 1 / alpha_bar_t (the v-prediction loss); "eps": plain MSE
+    schedule: str = "linear"  # DDIM betas: "linear" (the digits') or "scaled_linear" (SD's)
+    prediction_type: str = "v_prediction"  # what the UNet predicts (and the MSE target): "v_prediction" or "epsilon"
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 100
@@ -54,28 +54,23 @@ def _batch(cfg: ColourTrainConfig, g: torch.Generator, T: int) -> tuple[torch.Te
     return images * 2 - 1, prompts, t, torch.randn(images.shape, generator=g)
 
 
-def weighted_diffusion_loss(pipe: Any, x0: torch.Tensor, prompts: list[str], t: torch.Tensor, noise: torch.Tensor,
-                            weighting: str = "v") -> torch.Tensor:
-    """Epsilon-prediction MSE at x_t ~ q(x_t | x0), each image weighted by ``1 / alpha_bar_t`` ("v") or 1 ("eps").
+def diffusion_loss(pipe: Any, x0: torch.Tensor, prompts: list[str], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MSE between the UNet's prediction at x_t ~ q(x_t | x0) and its target: the noise (``epsilon``) or
+    v = sqrt(ab) noise - sqrt(1 - ab) x0 (``v_prediction``), as the scheduler's config says.
 
-    With plain epsilon MSE the prompt barely matters: where a scene's colours are still unknown from x_t (high
-    noise), knowing them lowers the loss by about SNR(t) * Var(x0) (SNR ~ 0.005 at t = 999), and wherever SNR
-    is larger they can be read off x_t itself (flat regions average the noise away). The model then ignores
-    the colour words (measured: the same image for every colour at 400 steps). ``1 / alpha_bar_t = 1 + 1/SNR``
-    is the weight under which the epsilon error equals the v-prediction error (Salimans and Ho 2022), so the
-    high-noise steps, where colour and shape are decided, count. The model still predicts epsilon.
+    The v loss is the epsilon loss weighted by 1 / alpha_bar_t = 1 + 1/SNR: the high-noise steps, where a
+    scene's colours and shape are decided from the prompt, count (with plain epsilon MSE they barely do).
     """
-    if weighting not in ("v", "eps"):
-        raise ValueError(f"weighting must be 'v' or 'eps', got {weighting!r}")
+    kind = pipe.scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"the scheduler's prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
     device = pipe.unet.device
     x0, t, noise = x0.to(device), t.to(device), noise.to(device)
     x_t = pipe.scheduler.add_noise(x0, noise, t)
     emb, _ = pipe.encode_prompt(prompts, device, 1, False)
     pred = pipe.unet(x_t, t, encoder_hidden_states=emb, return_dict=False)[0]
-    per_image = (pred - noise).pow(2).flatten(1).mean(1)
-    if weighting == "v":
-        per_image = per_image / pipe.scheduler.alphas_cumprod.to(device)[t]
-    return per_image.mean()
+    target = noise if kind == "epsilon" else pipe.scheduler.get_velocity(x0, noise, t)
+    return torch.nn.functional.mse_loss(pred, target)
 
 
 def _resume(ckpt: Path, pipe: Any, opt: Any, g: torch.Generator) -> tuple[int, dict]:
@@ -101,7 +96,8 @@ def export_checkpoint(run_dir: str | Path, out: str | Path) -> int:
     """Save the EMA weights of ``run_dir/checkpoint.pt`` as a pipeline folder ``out`` (e.g. of a run stopped
     early); returns the checkpoint's step."""
     cfg = ColourTrainConfig(**{**json.loads((Path(run_dir) / "config.json").read_text())})
-    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule)
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule,
+                          prediction_type=cfg.prediction_type)
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
     _save_ema(pipe, state["ema"], Path(out))
     return int(state["step"])
@@ -116,7 +112,8 @@ def train_colour(cfg: ColourTrainConfig, run_dir: str | Path, resume: bool = Fal
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", asdict(cfg))
-    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule)
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels), schedule=cfg.schedule,
+                          prediction_type=cfg.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     named = _params(pipe)
     opt = torch.optim.AdamW(named.values(), lr=cfg.lr, weight_decay=0.0)
@@ -136,7 +133,7 @@ def train_colour(cfg: ColourTrainConfig, run_dir: str | Path, resume: bool = Fal
             x0, prompts, t, noise = _batch(cfg, g, T)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg)
-            loss = weighted_diffusion_loss(pipe, x0, prompts, t, noise, cfg.loss_weighting)
+            loss = diffusion_loss(pipe, x0, prompts, t, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--schedule", default=ColourTrainConfig.schedule, choices=("linear", "scaled_linear"))
-    p.add_argument("--loss-weighting", default=ColourTrainConfig.loss_weighting, choices=("v", "eps"))
+    p.add_argument("--prediction-type", default=ColourTrainConfig.prediction_type, choices=("v_prediction", "epsilon"))
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export", metavar="OUT", default=None,
@@ -187,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported step {export_checkpoint(a.run_dir, a.export)} of {a.run_dir} to {a.export}")
         return 0
     cfg = ColourTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, schedule=a.schedule,
-                            loss_weighting=a.loss_weighting)
+                            prediction_type=a.prediction_type)
     s = train_colour(cfg, a.run_dir, resume=a.resume, progress=not a.no_progress)
     print(f"trained {s['steps']} steps in {s['train_seconds']:.0f} s; loss {s['first_loss']} -> {s['final_loss']:.4f}; "
           f"pipeline: {s['pipeline']}")
