@@ -144,7 +144,6 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
             negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -156,7 +155,6 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         latents = self._denoise(latents, embeds, eta, generator, callback_on_step_end,
                                 callback_on_step_end_tensor_inputs)
-
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
