@@ -139,70 +139,97 @@ class DigitsPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         Returns:
             ``ImagePipelineOutput(images=...)``, or ``(images,)`` when ``return_dict`` is False.
         """
+        self._check_call(output_type, eta, num_inference_steps, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = float(guidance_scale)  # the properties SD's callbacks read
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
+            negative_prompt, prompt_embeds, negative_prompt_embeds)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        size = self.unet.config.sample_size
+        shape = (prompt_embeds.shape[0], self.unet.config.in_channels, height or size, width or size)
+        latents = self._initial_latents(shape, latents, generator, device, prompt_embeds.dtype)
+        embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        latents = self._denoise(latents, embeds, eta, generator, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
+        images = self._postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _check_call(self, output_type: str, eta: float, num_inference_steps: int, callback_inputs: list[str]) -> None:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not 0.0 <= float(eta) <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond it, NaN images
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        bad = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
-        size = self.unet.config.sample_size
-        height, width = height or size, width or size
-        self._guidance_scale = float(guidance_scale)
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        device = self._execution_device
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
-            negative_prompt, prompt_embeds, negative_prompt_embeds)
-        batch = prompt_embeds.shape[0]
-        cond = (torch.cat([negative_prompt_embeds, prompt_embeds]) if self.do_classifier_free_guidance
-                else prompt_embeds)  # [uncond; cond], the layout of diffusers pipelines
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        shape = (batch, self.unet.config.in_channels, height, width)
+    def _initial_latents(self, shape: tuple[int, ...], latents: torch.Tensor | None,
+                         generator: torch.Generator | list[torch.Generator] | None, device: torch.device,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """x_T: drawn from ``generator``, or the given ``latents`` (checked against ``shape``), times the
+        scheduler's initial sigma."""
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        return latents.to(device) * self.scheduler.init_noise_sigma
 
+    def _guidance_cond(self, embeds: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The UNet's conditioning: [uncond; cond] with CFG (the layout of diffusers pipelines), else cond."""
+        if self.do_classifier_free_guidance:
+            return torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
+        return embeds["prompt_embeds"]
+
+    def _denoise(self, latents: torch.Tensor, embeds: dict[str, torch.Tensor | None], eta: float,
+                 generator: torch.Generator | list[torch.Generator] | None, callback: Callable[..., dict] | None,
+                 callback_inputs: list[str]) -> torch.Tensor:
+        """The sampling loop over ``self.scheduler.timesteps``; ``callback`` may replace the latents and the
+        embeddings (in ``embeds``) after each step."""
+        cond = self._guidance_cond(embeds)
+        timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                x_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                x_in = self.scheduler.scale_model_input(x_in, t)
-                noise_pred = self.unet(x_in, t, encoder_hidden_states=cond,
-                                       cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
-                if self.do_classifier_free_guidance:
-                    pred_u, pred_c = noise_pred.chunk(2)
-                    noise_pred = pred_u + self.guidance_scale * (pred_c - pred_u)
-                latents = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator,
-                                              return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds,
-                             "negative_prompt_embeds": negative_prompt_embeds}
-                    out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = out.pop("latents", latents)
-                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    if "prompt_embeds" in callback_on_step_end_tensor_inputs or \
-                            "negative_prompt_embeds" in callback_on_step_end_tensor_inputs:
-                        cond = (torch.cat([negative_prompt_embeds, prompt_embeds])
-                                if self.do_classifier_free_guidance else prompt_embeds)
+                latents = self._denoise_step(latents, t, cond, eta, generator)
+                if callback is not None:
+                    latents = self._step_end(callback, i, t, callback_inputs, latents, embeds)
+                    if "prompt_embeds" in callback_inputs or "negative_prompt_embeds" in callback_inputs:
+                        cond = self._guidance_cond(embeds)
                 bar.update()
+        return latents
 
-        images = self._postprocess(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+    def _denoise_step(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, eta: float,
+                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """One guided UNet call and one scheduler step x_t -> x_{t-1}."""
+        x_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+        x_in = self.scheduler.scale_model_input(x_in, t)
+        noise_pred = self.unet(x_in, t, encoder_hidden_states=cond,
+                               cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+        if self.do_classifier_free_guidance:
+            pred_u, pred_c = noise_pred.chunk(2)
+            noise_pred = pred_u + self.guidance_scale * (pred_c - pred_u)
+        return self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator, return_dict=False)[0]
+
+    def _step_end(self, callback: Callable[..., dict], i: int, t: torch.Tensor, callback_inputs: list[str],
+                  latents: torch.Tensor, embeds: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """``callback_on_step_end`` as in SD: it sees the requested tensors and may return replacements;
+        returns the latents, updates ``embeds`` in place."""
+        local = {"latents": latents, **embeds}
+        out = callback(self, i, t, {k: local[k] for k in callback_inputs})
+        latents = out.pop("latents", latents)
+        for k in ("prompt_embeds", "negative_prompt_embeds"):
+            embeds[k] = out.pop(k, embeds[k])
+        return latents
 
     @staticmethod
     def _postprocess(latents: torch.Tensor, output_type: str) -> Any:

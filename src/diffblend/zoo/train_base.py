@@ -169,6 +169,138 @@ def _params(pipe: Any) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+@dataclass
+class _Run:
+    """A run in progress: the pipeline, its named parameters, optimizer, EMA, batch generator and step."""
+
+    pipe: Any
+    named: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    g: torch.Generator
+    ema: dict[str, torch.Tensor]
+    step: int = 0
+
+
+def _check_start(cfg: TrainBaseConfig, run: Path, resume: bool) -> None:
+    """Refuse bad settings, a resume without a checkpoint, a new run over an old one, a resume with other settings."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if not 0.0 <= cfg.prompt_dropout < 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1), got {cfg.prompt_dropout}")
+    ckpt_path = run / "checkpoint.pt"
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
+    if not resume and (ckpt_path.exists() or (run / "metrics.jsonl").exists()):
+        raise ValueError(f"run directory {run} already holds a run; pass --resume or choose another directory")
+    if resume:
+        _check_resumable(run / "config.json", cfg)
+
+
+def _new_run(cfg: TrainBaseConfig, device: str | torch.device) -> _Run:
+    """A fresh pipeline (seeded), AdamW over the UNet and the text encoder, the batch generator, the EMA."""
+    from .model import build_pipeline
+
+    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    named = _params(pipe)
+    opt = torch.optim.AdamW(named.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ema = {k: p.detach().clone() for k, p in named.items()}
+    return _Run(pipe, named, opt, g, ema)
+
+
+def _resume(r: _Run, run: Path, cfg: TrainBaseConfig, device: str | torch.device) -> None:
+    """Load ``run/checkpoint.pt`` into ``r`` (weights, optimizer, EMA, generator, step); drop later metric lines."""
+    ckpt_path = run / "checkpoint.pt"
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    r.pipe.unet.load_state_dict(state["unet"])
+    r.pipe.text_encoder.load_state_dict(state["text_encoder"])
+    r.opt.load_state_dict(state["optimizer"])
+    r.ema = state["ema"]
+    r.g.set_state(state["generator"])
+    r.step = int(state["step"])
+    if cfg.steps < r.step:
+        raise ValueError(f"--resume: steps must be >= {r.step}, the steps {ckpt_path} has done; got {cfg.steps}")
+    _truncate_metrics(run / "metrics.jsonl", r.step)
+
+
+def _train_step(r: _Run, cfg: TrainBaseConfig, x: torch.Tensor, y: torch.Tensor, T: int) -> tuple[float, torch.Tensor]:
+    """One optimizer step on a fresh batch, then the EMA update; returns (loss, gradient norm before clipping)."""
+    # the batch is a function of the generator's state only, so a resumed run continues
+    # the exact stream of an uninterrupted one
+    idx = torch.randint(0, len(y), (cfg.batch_size,), generator=r.g)
+    x0, prompts, t, noise = training_batch(x, y, idx, cfg, r.g, T)
+    for group in r.opt.param_groups:
+        group["lr"] = cfg.lr * _lr_factor(r.step, cfg)
+    loss = diffusion_loss(r.pipe, x0, prompts, t, noise)
+    r.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(list(r.named.values()), cfg.grad_clip)
+    r.opt.step()
+    r.step += 1
+    decay = min(cfg.ema_decay, (1 + r.step) / (10 + r.step))  # short warm-up of the EMA
+    with torch.no_grad():
+        for k, p in r.named.items():
+            r.ema[k].lerp_(p.detach(), 1 - decay)
+    return float(loss.detach()), gnorm
+
+
+def _mean_last(values: list[float], n: int) -> float:
+    return sum(values[-n:]) / len(values[-n:])
+
+
+def _train_loop(r: _Run, cfg: TrainBaseConfig, run: Path, progress: bool, stop_at: int | None) -> tuple[list[float], float]:
+    """Steps up to ``cfg.steps`` (or ``stop_at``), logging and checkpointing; returns (this call's losses, seconds)."""
+    from tqdm.auto import tqdm
+
+    x, y = load_split("train")
+    if cfg.train_images:
+        x, y = x[:cfg.train_images], y[:cfg.train_images]
+    T = r.pipe.scheduler.config.num_train_timesteps
+    r.pipe.unet.train()
+    r.pipe.text_encoder.train()
+    losses: list[float] = []
+    t0 = time.time()
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=r.step, desc="train-base", disable=not progress)
+    with open(run / "metrics.jsonl", "a") as log:
+        while r.step < end:
+            loss, gnorm = _train_step(r, cfg, x, y, T)
+            losses.append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{_mean_last(losses, 25):.4f}")
+            if r.step % cfg.log_every == 0 or r.step == cfg.steps:
+                log.write(json.dumps({"step": r.step, "loss": _mean_last(losses, cfg.log_every),
+                                      "lr": r.opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                                      "seconds": round(time.time() - t0, 2)}) + "\n")
+                log.flush()
+            if r.step % cfg.checkpoint_every == 0 or r.step == cfg.steps or r.step == stop_at:
+                _save_checkpoint(run / "checkpoint.pt", r.pipe, r.ema, r.opt, r.step, r.g)
+    bar.close()
+    return losses, time.time() - t0
+
+
+def _ship(r: _Run, cfg: TrainBaseConfig, run: Path, summary: dict, progress: bool) -> dict:
+    """Put the EMA weights in the pipeline (the model that ships), save it to ``run/pipeline``, evaluate it."""
+    with torch.no_grad():
+        for k, p in r.named.items():
+            p.copy_(r.ema[k])
+    r.pipe.unet.eval()
+    r.pipe.text_encoder.eval()
+    out_dir = run / "pipeline"
+    r.pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    portable_text_encoder_file(out_dir / "text_encoder")  # loads on transformers 4.x too
+    summary["pipeline"] = str(out_dir)
+    if cfg.eval_per_digit > 0:
+        t1 = time.time()
+        summary["eval"] = sample_quality(r.pipe, cfg.eval_per_digit, cfg.eval_steps, cfg.eval_guidance, cfg.eval_eta,
+                                         seed=cfg.seed, progress=progress)
+        summary["eval"]["seconds"] = round(time.time() - t1, 1)
+        atomic_write_json(run / "eval.json", summary["eval"])
+    atomic_write_json(run / "summary.json", summary)
+    return summary
+
+
 def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
                device: str | torch.device = "cpu", stop_at: int | None = None) -> dict:
     """Train a ``DigitsPipeline`` from scratch (or resume); write the run directory; return a summary.
@@ -183,107 +315,18 @@ def train_base(cfg: TrainBaseConfig, run_dir: str | Path, resume: bool = False, 
     Returns:
         ``{"final_loss": ..., "first_loss": ..., "train_seconds": ..., "eval": {...} or None, ...}``.
     """
-    from tqdm.auto import tqdm
-
-    from .model import build_pipeline
-
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
-    if not 0.0 <= cfg.prompt_dropout < 1.0:
-        raise ValueError(f"prompt_dropout must be in [0, 1), got {cfg.prompt_dropout}")
     run = Path(run_dir)
-    ckpt_path = run / "checkpoint.pt"
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint.pt in {run}")
-    if not resume and (ckpt_path.exists() or (run / "metrics.jsonl").exists()):
-        raise ValueError(f"run directory {run} already holds a run; pass --resume or choose another directory")
-    if resume:
-        _check_resumable(run / "config.json", cfg)
+    _check_start(cfg, run, resume)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", asdict(cfg))
-
-    pipe = build_pipeline(seed=cfg.seed, channels=tuple(cfg.channels)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    named = _params(pipe)
-    opt = torch.optim.AdamW(named.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed)
-    ema = {k: p.detach().clone() for k, p in named.items()}
-    step = 0
+    r = _new_run(cfg, device)
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        pipe.unet.load_state_dict(state["unet"])
-        pipe.text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        ema = state["ema"]
-        g.set_state(state["generator"])
-        step = int(state["step"])
-        if cfg.steps < step:
-            raise ValueError(f"--resume: steps must be >= {step}, the steps {ckpt_path} has done; got {cfg.steps}")
-        _truncate_metrics(run / "metrics.jsonl", step)
-
-    x, y = load_split("train")
-    if cfg.train_images:
-        x, y = x[:cfg.train_images], y[:cfg.train_images]
-    T = pipe.scheduler.config.num_train_timesteps
-    pipe.unet.train()
-    pipe.text_encoder.train()
-    losses: list[float] = []
-    first_loss = None
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-base", disable=not progress)
-    with open(run / "metrics.jsonl", "a") as log:
-        while step < (cfg.steps if stop_at is None else min(stop_at, cfg.steps)):
-            # the batch is a function of the generator's state only, so a resumed run continues
-            # the exact stream of an uninterrupted one
-            idx = torch.randint(0, len(y), (cfg.batch_size,), generator=g)
-            x0, prompts, t, noise = training_batch(x, y, idx, cfg, g, T)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, cfg)
-            loss = diffusion_loss(pipe, x0, prompts, t, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.grad_clip)
-            opt.step()
-            step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
-            with torch.no_grad():
-                for k, p in named.items():
-                    ema[k].lerp_(p.detach(), 1 - decay)
-            losses.append(float(loss.detach()))
-            first_loss = losses[0] if first_loss is None else first_loss
-            bar.update()
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.4f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(json.dumps({"step": step, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
-                                      "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                                      "seconds": round(time.time() - t0, 2)}) + "\n")
-                log.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == stop_at:
-                _save_checkpoint(ckpt_path, pipe, ema, opt, step, g)
-    bar.close()
-    train_seconds = time.time() - t0
-    final_loss = sum(losses[-25:]) / len(losses[-25:]) if losses else None  # None: no step in this call
-    if step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
-        return {"steps": step, "train_seconds": round(train_seconds, 1), "first_loss": first_loss,
-                "final_loss": final_loss, "pipeline": None, "eval": None}
-
-    # the EMA weights are the model that ships
-    with torch.no_grad():
-        for k, p in named.items():
-            p.copy_(ema[k])
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    out_dir = run / "pipeline"
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
-    portable_text_encoder_file(out_dir / "text_encoder")  # loads on transformers 4.x too
-    summary: dict[str, Any] = {"steps": step, "train_seconds": round(train_seconds, 1),
-                               "first_loss": first_loss, "final_loss": final_loss,
-                               "pipeline": str(out_dir), "eval": None}
-    if cfg.eval_per_digit > 0:
-        t1 = time.time()
-        summary["eval"] = sample_quality(pipe, cfg.eval_per_digit, cfg.eval_steps, cfg.eval_guidance, cfg.eval_eta,
-                                         seed=cfg.seed, progress=progress)
-        summary["eval"]["seconds"] = round(time.time() - t1, 1)
-        atomic_write_json(run / "eval.json", summary["eval"])
-    atomic_write_json(run / "summary.json", summary)
-    return summary
+        _resume(r, run, cfg, device)
+    losses, train_seconds = _train_loop(r, cfg, run, progress, stop_at)
+    summary: dict[str, Any] = {"steps": r.step, "train_seconds": round(train_seconds, 1),
+                               "first_loss": losses[0] if losses else None,
+                               "final_loss": _mean_last(losses, 25) if losses else None,  # None: no step in this call
+                               "pipeline": None, "eval": None}
+    if r.step < cfg.steps:  # stopped early on purpose: the checkpoint is the result
+        return summary
+    return _ship(r, cfg, run, summary, progress)
