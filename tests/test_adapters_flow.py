@@ -97,7 +97,7 @@ def test_sd3_pipeline_call_pattern_ls_routes_per_sample(sd3):
     x, cond, t = _sd3_inputs(4)
     blend = sd3.make_blend({"a": 0.5, "b": 0.5}, kl_strength=0.9, method="ls", blend_seed=3)
     rows = lambda v: torch.cat([v, v])  # noqa: E731  (uncond = cond here: only routing matters)
-    with torch.no_grad(), sd3.attached(blend):
+    with torch.no_grad(), sd3.attached(blend, samples=4):
         out = sd3.pipe.transformer(hidden_states=rows(x), timestep=rows(t), encoder_hidden_states=rows(
             cond["encoder_hidden_states"]), pooled_projections=rows(cond["pooled_projections"]),
             joint_attention_kwargs=None, return_dict=False)[0]
@@ -129,7 +129,7 @@ def test_sd3_skip_layer_guidance_call_routes_by_sample(sd3):
                 cond["encoder_hidden_states"]), pooled_projections=rows(cond["pooled_projections"]),
                 joint_attention_kwargs=None, return_dict=False)[0]
 
-        with torch.no_grad(), sd3.attached(blend):
+        with torch.no_grad(), sd3.attached(blend, samples=n):
             full = call(lambda v: torch.cat([v, v]))  # [uncond; cond], uncond = cond here
             skip = call(lambda v: v)
         torch.testing.assert_close(skip, full[n:], atol=ATOL, rtol=0)
@@ -144,7 +144,7 @@ def test_perturbed_attention_guidance_rows_are_three_groups(sd3):
     three = lambda v: torch.cat([v, v, v])  # noqa: E731  (identical groups: only routing matters)
     sd3.pipe.do_perturbed_attention_guidance = True
     try:
-        with torch.no_grad(), sd3.attached(blend):
+        with torch.no_grad(), sd3.attached(blend, samples=n):
             out = model(hidden_states=three(x), timestep=three(t), encoder_hidden_states=three(
                 cond["encoder_hidden_states"]), pooled_projections=three(cond["pooled_projections"]),
                 return_dict=False)[0]

@@ -17,7 +17,11 @@ conditioning its ``__call__`` passes to the network (diffusers 0.42):
 A family is chosen from the pipeline: a ``transformer`` is Flux when the class name says so, else
 SD3-like; a UNet with ``addition_embed_type == "text_time"`` is SDXL, any other UNet is SD-like.
 Classifier-free guidance is the model's (``DiffusionModel.guide``, unconditional = the empty
-prompt); for Flux that is "true CFG", not its guidance embedding (``FLUX_GUIDANCE``).
+prompt), except for a guidance-distilled Flux (a transformer with ``guidance_embeds``, e.g.
+FLUX.1-dev): there the guidance scale is the transformer's guidance input, as ``FluxPipeline``'s
+``guidance_scale`` (``DiffusionModel.guidance_embed``; one pass, no unconditional rows), so the
+``--guidance-scale`` of ``finetune`` / ``sweep`` / ``generate`` drives it; ``FLUX_GUIDANCE`` is only the
+value of an unguided denoiser's calls.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import torch
 
 from .core.sampling import NoiseSchedule
 
-__all__ = ["FLUX_GUIDANCE", "absent_components", "model_from_pipeline", "pipeline_family", "vae_decoder"]
+__all__ = ["FLUX_GUIDANCE", "absent_components", "image_size_multiple", "model_from_pipeline", "pipeline_family",
+           "vae_decoder"]
 
-FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to a guidance-distilled transformer
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale: a distilled transformer's input until guided
 
 Encode = Callable[[Sequence[str], bool], tuple[Any, Any]]
 
@@ -207,8 +212,10 @@ def model_from_pipeline(cls: type, pipe: Any, device: Any = None, decode_chunk: 
         return enc([""], True)[1]
 
     seq_len = shape[0] if family == "flux" else shape[1] * shape[2] // getattr(network.config, "patch_size", 1) ** 2
+    embed = family == "flux" and bool(getattr(network.config, "guidance_embeds", False))
     return cls(network=network, encode=encode, latent_shape=shape, uncond_fn=uncond, component=component,
-               pipeline_class=type(pipe), family=family, **extra, **_schedule_kwargs(pipe, family, seq_len))
+               pipeline_class=type(pipe), family=family, guidance_embed=embed, **extra,
+               **_schedule_kwargs(pipe, family, seq_len))
 
 
 def _latent_layout(pipe: Any, family: str, network: Any, decode_chunk: int | None) -> tuple[tuple, dict]:
@@ -243,3 +250,15 @@ def absent_components(folder: Any) -> dict[str, None]:
     params = inspect.signature(cls.__init__).parameters
     return {n: None for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
             and p.kind is p.POSITIONAL_OR_KEYWORD and (index.get(n) or [None])[0] is None}
+
+
+def image_size_multiple(pipe: Any) -> int:
+    """What a pipeline's ``height`` and ``width`` must be multiples of: the VAE's downscale factor
+    (``vae_scale_factor``; 1 without a VAE), times 2 for Flux's 2x2 latent packing or SD3's patch size."""
+    factor = int(getattr(pipe, "vae_scale_factor", None) or 1)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return factor
+    if "Flux" in type(pipe).__name__:
+        return factor * 2
+    return factor * int(getattr(pipe, "patch_size", None) or getattr(transformer.config, "patch_size", 2))

@@ -17,7 +17,7 @@ import torch
 
 from .core.rows import is_per_row
 
-__all__ = ["adapters_in", "parse_adapters", "quiet_loading", "reward_names_for", "shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_weight_names", "generate",
+__all__ = ["adapters_in", "parse_adapters", "quiet_loading", "reward_names_for", "shipped_adapters", "load_pipeline", "load_blend_pipeline", "resolve_weight_names", "generate", "check_image_size",
            "score_images", "image_grid", "save_png", "image_format"]
 
 
@@ -195,10 +195,44 @@ def resolve_weight_names(weights: Mapping[str, float], adapter_names: Sequence[s
     return out
 
 
+def check_image_size(pipe: Any, height: int | None, width: int | None) -> dict[str, int]:
+    """``{height, width}`` as given (None: left out, the pipeline's default), each checked as a positive int
+    and a multiple of what the pipeline needs (:func:`~diffblend.families.image_size_multiple`: the VAE's
+    factor, x2 for Flux / SD3 latent patches), which diffusers would otherwise round down (Flux) or refuse
+    later.
+
+    Raises:
+        ValueError: naming the argument, the multiple and the pipeline.
+    """
+    import inspect
+
+    from .families import image_size_multiple
+
+    given = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if not given:
+        return {}
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (AttributeError, TypeError, ValueError):
+        params = {}
+    name = type(pipe).__name__
+    multiple = image_size_multiple(pipe)
+    for key, value in given.items():
+        if key not in params:
+            raise ValueError(f"{key}: {name} takes no {key} argument (its images have one size)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int (pixels), got {value!r}")
+        if value % multiple:
+            raise ValueError(f"{key} must be a multiple of {multiple} for {name} (its latent grid), got {value}; "
+                             f"e.g. {max(multiple, value // multiple * multiple)}")
+    return given
+
+
 def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Sequence[Mapping[str, float]] | None,
              *, kl_strength: float | Sequence[float] = 1.0, method: str = "mpa", seed: int | Sequence[int] = 0,
-             num_inference_steps: int = 20, guidance_scale: float = 2.0, eta: float | None = 1.0, normalize: bool = False,
-             ls_draws: str = "iid", callback_on_step_end: Any = None) -> torch.Tensor:
+             num_inference_steps: int = 20, guidance_scale: float | None = 2.0, eta: float | None = 1.0,
+             normalize: bool = False, ls_draws: str = "iid", callback_on_step_end: Any = None,
+             height: int | None = None, width: int | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1] for ``prompts`` under a blend.
 
     Image j is drawn from its own ``torch.Generator`` seeded ``seed + j``, and LS draws use
@@ -208,6 +242,9 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Seq
     ``weights=None`` is the base model; a list of B dicts blends image j with ``weights[j]`` in the
     same batched call (:class:`~diffblend.core.rows.RowBlend`). ``eta=None`` passes no eta (flow-matching
     pipelines such as SD3 take none: their scheduler decides, e.g. ``FlowMatchSDEScheduler``).
+    ``guidance_scale=None``, ``height`` / ``width`` None: the pipeline's own defaults (for a
+    guidance-distilled Flux, guidance_scale is its guidance input, as in ``FluxPipeline``); a size
+    given is checked with :func:`check_image_size`.
     """
     seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [int(seed) + j for j in range(len(prompts))]
     if len(seeds) != len(prompts):
@@ -219,10 +256,13 @@ def generate(bp: Any, prompts: Sequence[str], weights: Mapping[str, float] | Seq
     extra = {} if callback_on_step_end is None else {"callback_on_step_end": callback_on_step_end}
     if eta is not None:
         extra["eta"] = eta
+    if guidance_scale is not None:
+        extra["guidance_scale"] = guidance_scale
+    extra.update(check_image_size(bp.pipe, height, width))
     out = bp(prompt=list(prompts), weights=weights, kl_strength=kl_strength, method=method,
              blend_seed=0 if per_image else int(seed), sample_keys=seeds if per_image and method == "ls" else None,
              normalize=normalize, ls_draws=ls_draws, num_inference_steps=num_inference_steps,
-             guidance_scale=guidance_scale, generator=gens, output_type="pt", **extra)
+             generator=gens, output_type="pt", **extra)
     images = out.images if hasattr(out, "images") else out[0]
     if not isinstance(images, torch.Tensor):  # a pipeline that ignores output_type="pt"
         import numpy as np

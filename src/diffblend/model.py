@@ -59,6 +59,18 @@ def network_denoiser(network: Callable, prepare: Prepare | None = None) -> Denoi
     return denoiser
 
 
+def _embedded_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoiser:
+    """``denoiser`` with the conditioning's ``guidance`` input set to ``guidance_scale`` for every row."""
+    scale = float(guidance_scale)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return denoiser(x, t, {**cond, "guidance": torch.full((x.shape[0],), scale, device=x.device,
+                                                              dtype=torch.float32)})
+
+    guided.blend = getattr(denoiser, "blend", None)  # type: ignore[attr-defined]
+    return guided
+
+
 @dataclass
 class DiffusionModel:
     """A denoising network with its schedule, conditioning and decoder (module docstring).
@@ -77,6 +89,8 @@ class DiffusionModel:
             pipeline class whose ``save_lora_weights`` writes them.
         prepare: ``(x, t, cond) -> the network's keyword arguments`` when the plain call does not
             fit (Flux); see :func:`network_denoiser`.
+        guidance_embed: the network takes the guidance scale as an input (guidance-distilled Flux):
+            :meth:`guide` sets it instead of running classifier-free guidance.
     """
 
     network: torch.nn.Module
@@ -93,6 +107,7 @@ class DiffusionModel:
     pipeline_class: Any = None
     family: str = "custom"
     prepare: Prepare | None = None
+    guidance_embed: bool = False
     _uncond: Any = field(default=None, repr=False)
 
     # -- identity ---------------------------------------------------------------------------------
@@ -131,7 +146,11 @@ class DiffusionModel:
 
     def guide(self, denoiser: Denoiser, guidance_scale: float, uncond: Any = None) -> Denoiser:
         """``denoiser`` with classifier-free guidance (``core.cfg_denoiser``; the unconditional
-        conditioning expanded to each call's batch); the denoiser itself when the scale is 1."""
+        conditioning expanded to each call's batch); the denoiser itself when the scale is 1.
+        A guidance-distilled network (``guidance_embed``) gets the scale as its ``guidance`` input
+        instead, as ``FluxPipeline``'s ``guidance_scale``: one pass, no unconditional rows."""
+        if self.guidance_embed:
+            return _embedded_guidance(denoiser, guidance_scale)
         if guidance_scale == 1.0:
             return denoiser
         u = self.uncond() if uncond is None else uncond

@@ -40,7 +40,7 @@ from .core.blend import Blend, step_key
 from .core.rows import RowBlend, is_per_row
 from .core.sampling import Denoiser
 
-__all__ = ["BlendPipeline", "blend_denoiser", "AdapterError", "check_call_kwargs"]
+__all__ = ["BlendPipeline", "blend_denoiser", "AdapterError", "check_call_kwargs", "declared_samples"]
 
 
 def _eta(pipe: Any, call_kwargs: Mapping[str, Any]) -> float:
@@ -108,6 +108,48 @@ def check_call_kwargs(pipe: Any, kwargs: Mapping[str, Any]) -> None:
         check_count(kwargs["num_images_per_prompt"], "num_images_per_prompt")
     if kwargs.get("guidance_scale") is not None:
         check_guidance_scale(kwargs["guidance_scale"])
+
+
+def declared_samples(pipe: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """The number of images a call of ``pipe`` makes, from its arguments as diffusers' pipelines compute
+    ``batch_size``: 1 for a str prompt, len(prompt) for a list, else ``prompt_embeds.shape[0]`` (else an
+    unconditional pipeline's ``batch_size``), times ``num_images_per_prompt`` (the call's, else the
+    signature's default). None when the call declares none of them."""
+    try:
+        sig = inspect.signature(pipe.__call__)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except (AttributeError, TypeError, ValueError):  # not callable, or arguments its signature refuses
+        return None
+    params = sig.parameters
+
+    def given(name: str) -> Any:
+        if name in bound:
+            return bound[name]
+        return params[name].default if name in params and params[name].default is not inspect.Parameter.empty \
+            else None
+
+    prompt, embeds, size = given("prompt"), given("prompt_embeds"), given("batch_size")
+    if isinstance(prompt, str):
+        batch = 1
+    elif isinstance(prompt, (list, tuple)):
+        batch = len(prompt)
+    elif isinstance(embeds, torch.Tensor) and embeds.dim() > 0:
+        batch = int(embeds.shape[0])
+    elif isinstance(size, int) and not isinstance(size, bool) and "prompt" not in params:
+        batch = size
+    else:
+        return None
+    per_prompt = given("num_images_per_prompt")
+    return batch * (1 if per_prompt is None else int(per_prompt))
+
+
+def _groups(rows: int, samples: int) -> int:
+    """G, the stacked copies of the run's ``samples`` images in a denoiser call of ``rows`` rows."""
+    if rows % samples:
+        raise ValueError(
+            f"the denoiser was called on {rows} rows, which is not a whole number of copies of the call's "
+            f"{samples} image(s) (prompts x num_images_per_prompt, or prompt_embeds rows x num_images_per_prompt)")
+    return rows // samples
 
 
 def _pipeline_class(model: str | Path) -> Any:
@@ -238,33 +280,48 @@ class BlendPipeline:
         return blend_denoiser(self.model, blend, mode=kwargs.pop("mode", self.blender.mode), blender=self.blender,
                               **kwargs)
 
+    def _validated(self, blend: Blend | None, mode: str | None, samples: int | None) -> str:
+        """The one validation of a blend for a run (not repeated at every denoiser call): adapters
+        synced, the blend checked against the model and mode, a per-image blend against the run's
+        number of images. Returns the execution mode ("batched" / "sequential")."""
+        self.blender.sync()  # adapters loaded, deleted or replaced through diffusers since
+        run_mode = self.blender.resolve(blend, mode)
+        self.blender.check(blend, run_mode)
+        if samples is None and blend is not None and (blend.method == "ls" or isinstance(blend, RowBlend)):
+            raise ValueError(
+                f"method={blend.method!r}{' with per-image weights' if isinstance(blend, RowBlend) else ''} "
+                f"blends each image on its own, so the call must declare how many images it makes: pass prompt "
+                f"(a str or a list) or prompt_embeds (and num_images_per_prompt)")
+        if isinstance(blend, RowBlend) and samples is not None:
+            blend.check_samples(samples)
+        return run_mode
+
     @contextlib.contextmanager
-    def attached(self, blend: Blend | None, mode: str | None = None) -> Iterator[None]:
-        """Within the block, every call of the pipeline's denoiser runs as ``blend``."""
+    def attached(self, blend: Blend | None, mode: str | None = None, *, samples: int | None = None
+                 ) -> Iterator[None]:
+        """Within the block, every call of the pipeline's denoiser runs as ``blend``.
+
+        Args:
+            samples: the number of images the run makes (``__call__`` reads it from the call:
+                :func:`declared_samples`). A denoiser call of ``rows`` rows then holds
+                G = rows / samples stacked copies of them (``[uncond; cond]`` under CFG, a third with
+                PAG, one for SD3's skip-layer guidance call on the cond rows); ``rows`` must be a
+                multiple. None: unknown, allowed for blends that treat every row alike (not LS, not
+                per-image weights), which then run as one group.
+        """
+        run_mode = self._validated(blend, mode, samples)
         model = self.model
         had_own = "forward" in model.__dict__  # e.g. an accelerate offload hook's forward
         inner = model.forward
-        samples: list[int] = []  # samples per full call, from the run's first call
         run_blend: list[Blend | None] = []  # the blend on the run's step grid (stratified LS draws need it)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            # G = rows / samples. The run's first call holds every sample `full` times ([uncond; cond]
-            # under CFG, [uncond; cond; perturbed] with PAG too); a later call may hold one group only
-            # (SD3's skip-layer guidance runs the cond rows again), so G is not fixed by CFG alone.
-            full = 1 + bool(getattr(self.pipe, "do_classifier_free_guidance", False)) + bool(
-                getattr(self.pipe, "do_perturbed_attention_guidance", False))
             x = kwargs.get(self.blender._sample_arg, args[0] if args else None)
-            rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
-            if rows is None:
-                groups = full
-            else:
-                if not samples:
-                    samples.append(rows // full if rows % full == 0 else rows)
-                groups = rows // samples[0] if rows % samples[0] == 0 else 1
+            groups = 1 if samples is None or not isinstance(x, torch.Tensor) else _groups(x.shape[0], samples)
             if not run_blend:  # the scheduler's timesteps are set by now (the pipeline's loop runs)
                 t = self.blender._signature.bind_partial(*args, **kwargs).arguments.get("timestep")
                 run_blend.append(_on_scheduler_grid(blend, self.pipe, t))
-            return self.blender.forward(inner, run_blend[0], groups, args, kwargs, mode)
+            return self.blender.forward(inner, run_blend[0], groups, args, kwargs, run_mode, checked=True)
 
         model.forward = forward
         try:
@@ -310,12 +367,15 @@ class BlendPipeline:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         blend = self.make_blend(weights, kl_strength=kl_strength, method=method, blend_seed=blend_seed,
                                 normalize=normalize, sample_keys=sample_keys, ls_draws=ls_draws)
-        self.blender.check(blend, self.blender.resolve(blend, mode))
+        samples = declared_samples(self.pipe, args, pipe_kwargs)
         if blend is not None and blend.method == "ls" and not _is_stochastic(self.pipe, pipe_kwargs):
             warnings.warn(
                 f"method='ls' is exact in distribution only with a stochastic sampler (DDIM eta=1, DDPM; flow "
                 f"matching: diffblend.schedulers.FlowMatchSDEScheduler, noise_level > 0); with "
                 f"{type(getattr(self.pipe, 'scheduler', None)).__name__} (eta={_eta(self.pipe, pipe_kwargs)}) it "
                 f"is a randomised heuristic", stacklevel=2)
-        with self.attached(blend, mode):
+        if not callable(self.pipe):
+            raise TypeError(f"{type(self.pipe).__name__} is not callable: a BlendPipeline call runs its pipeline "
+                            f"(without one, use attached() or denoiser())")
+        with self.attached(blend, mode, samples=samples):  # validates the blend, once for the call
             return self.pipe(*args, **pipe_kwargs)

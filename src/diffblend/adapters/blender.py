@@ -196,15 +196,19 @@ class Blender:
 
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, forward: Callable, blend: Blend | None, groups: int, args: tuple, kwargs: dict,
-                mode: str | None = None) -> Any:
+                mode: str | None = None, *, checked: bool = False) -> Any:
         """Call ``forward(*args, **kwargs)`` (the model's own forward) as the blend ``blend``.
 
         Args:
             forward: the unwrapped forward of ``self.model``.
             blend: the blend; None runs the base model (no adapter).
             groups: G, how many stacked copies of the samples the batch holds (2 with CFG).
+            checked: the caller already synced the adapters, checked the blend (:meth:`check`, and a
+                per-sample blend's number of samples) and resolved ``mode`` for the whole run
+                (``BlendPipeline`` does, once per pipeline call): not done again at this call.
         """
-        self.sync()
+        if not checked:
+            self.sync()
         bound = self._signature.bind(*args, **kwargs)
         call = dict(bound.arguments)
         if self._var_kw is not None:
@@ -213,10 +217,11 @@ class Blender:
         B = x.shape[0]
         if B % groups:
             raise ValueError(f"batch of {B} rows is not {groups} stacked groups of samples")
-        mode = self.resolve(blend, mode)
-        self.check(blend, mode)
-        if isinstance(blend, RowBlend):
-            blend.check_samples(B // groups)
+        if not checked:
+            mode = self.resolve(blend, mode)
+            self.check(blend, mode)
+            if isinstance(blend, RowBlend):
+                blend.check_samples(B // groups)
         if blend is None:
             with _compat.active(self.layers, None):
                 return forward(**call)

@@ -69,6 +69,44 @@ def _candidate_noise(shape, generators, B: int, N: int, x: torch.Tensor) -> torc
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+def _rollout(denoiser: Denoiser, x: torch.Tensor, pred: torch.Tensor, ts: torch.Tensor, steps: range, cond_n: Any,
+             schedule: NoiseSchedule, config: CoDeConfig, generators: Any) -> tuple[torch.Tensor, int]:
+    """Each sample's N candidates run from x over ``steps`` (rows sample-major): their end states and the
+    number of denoiser evaluations. Every candidate starts from x: its first prediction is the shared ``pred``."""
+    B, N, S = x.shape[0], int(config.num_candidates), len(ts)
+    shape = tuple(x.shape[1:])
+    xc, pc = x.repeat_interleave(N, 0), pred.repeat_interleave(N, 0)
+    nfe = 0
+    for i in steps:
+        t = ts[i]
+        prev_t = ts[i + 1] if i + 1 < S else torch.tensor(-1)
+        if i > steps.start:
+            pc = denoiser(xc, t.expand(B * N).to(x.device), cond_n)
+            nfe += N
+        noise = _candidate_noise(shape, generators, B, N, x)
+        xc = ddim_step(pc, t, xc, schedule, prev_t, config.eta, noise=noise).prev_sample
+    return xc, nfe
+
+
+def _best(denoiser: Denoiser, xc: torch.Tensor, ts: torch.Tensor, stop: int, cond_n: Any, schedule: NoiseSchedule,
+          score_fn: ScoreFn, decode: Callable[[torch.Tensor], torch.Tensor], B: int, N: int
+          ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The best of each sample's N candidates by the reward of x0_hat at their end state: (index (B,), the
+    prediction at every candidate (None after the last step), denoiser evaluations)."""
+    if stop < len(ts):  # score x0_hat at the candidates' end state; keep the prediction
+        t_next = ts[stop]
+        pc = denoiser(xc, t_next.expand(B * N).to(xc.device), cond_n)
+        _, x0c = schedule.to_eps_x0(pc, xc, t_next.expand(B * N))
+        nfe = N
+    else:
+        pc, x0c, nfe = None, xc, 0
+    scores = score_fn(decode(x0c))
+    if scores.shape != (B * N,):
+        raise ValueError(f"score_fn must return shape ({B * N},) (one score per image), got {tuple(scores.shape)}")
+    scores = scores.reshape(B, N)
+    return torch.nan_to_num(scores.float(), nan=-torch.inf).argmax(1).cpu(), pc, nfe
+
+
 @torch.no_grad()
 def code_sample(
     denoiser: Denoiser,
@@ -95,7 +133,6 @@ def code_sample(
     """
     ts = torch.as_tensor(timesteps, dtype=torch.long)
     B, N, S = x.shape[0], int(config.num_candidates), len(ts)
-    shape = tuple(x.shape[1:])
     cond_n = repeat_cond(cond, N)
     nfe = reward_evals = 0
     pred = None  # prediction at the current x, if already known
@@ -105,33 +142,15 @@ def code_sample(
         if pred is None:
             pred = denoiser(x, ts[start].expand(B).to(x.device), cond)
             nfe += 1
-        # Every candidate starts from x: its first prediction is the shared one.
-        xc, pc = x.repeat_interleave(N, 0), pred.repeat_interleave(N, 0)
-        for i in range(start, stop):
-            t = ts[i]
-            prev_t = ts[i + 1] if i + 1 < S else torch.tensor(-1)
-            if i > start:
-                pc = denoiser(xc, t.expand(B * N).to(x.device), cond_n)
-                nfe += N
-            noise = _candidate_noise(shape, generators, B, N, x)
-            xc = ddim_step(pc, t, xc, schedule, prev_t, config.eta, noise=noise).prev_sample
+        xc, n = _rollout(denoiser, x, pred, ts, range(start, stop), cond_n, schedule, config, generators)
+        nfe += n
         if N == 1:  # nothing to choose from: no scoring, so N = 1 is exactly plain sampling
             x, pred = xc, None
             choices.append(torch.zeros(B, dtype=torch.long))
             continue
-        if stop < S:  # score x0_hat at the candidates' end state; keep the prediction
-            t_next = ts[stop]
-            pc = denoiser(xc, t_next.expand(B * N).to(x.device), cond_n)
-            nfe += N
-            _, x0c = schedule.to_eps_x0(pc, xc, t_next.expand(B * N))
-        else:
-            pc, x0c = None, xc
-        scores = score_fn(decode(x0c))
-        if scores.shape != (B * N,):
-            raise ValueError(f"score_fn must return shape ({B * N},) (one score per image), got {tuple(scores.shape)}")
-        scores = scores.reshape(B, N)
+        best, pc, n = _best(denoiser, xc, ts, stop, cond_n, schedule, score_fn, decode, B, N)
+        nfe += n
         reward_evals += N
-        best = torch.nan_to_num(scores.float(), nan=-torch.inf).argmax(1).cpu()  # (B,)
         rows = torch.arange(B) * N + best
         x = xc[rows.to(x.device)]
         pred = pc[rows.to(x.device)] if pc is not None else None

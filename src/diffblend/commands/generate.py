@@ -30,7 +30,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="image j uses noise seed SEED + j; LS draws use SEED")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (default 2.0 for digits)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance scale (default: the pipeline's own, 2.0 for the digits model, 7.5 SD 1.5, 3.5 Flux): "
+                        "the CFG scale; for a guidance-distilled Flux (FLUX.1-dev) its guidance input, as "
+                        "FluxPipeline's guidance_scale (refused for a Flux without one, e.g. FLUX.1-schnell, which "
+                        "would ignore it)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the pipeline's; a multiple of its VAE factor, x2 for "
+                        "Flux / SD3, e.g. 16 for Flux with an 8x VAE)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (as --height)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 1: the stochastic sampler; pipelines without eta, such as "
                         "SD3's flow matching, get none: their scheduler decides)")
@@ -79,7 +87,11 @@ def check_args(args: argparse.Namespace) -> None:
     check_count(args.num_images, "--num-images")
     check_count(args.steps, "--steps")
     check_seed(args.seed, args.num_images * len(args.prompt or ["7"]), "--seed")
-    check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    if args.guidance_scale is not None:
+        check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number of pixels, got {value}")
     image_format(args.output, "-o")
     check_output_file(args.output, "-o")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:  # DDIM's variance is defined for eta in [0, 1]; beyond, NaN images
@@ -90,6 +102,22 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--ls-draws {args.ls_draws} applies to --method ls, got --method {args.method}")
     if args.weights is None and (args.kl_strength != 1.0 or args.method != "mpa"):
         raise ValueError("--kl-strength and --method blend adapters: give --weights too (without it, the base model)")
+
+
+def check_pipeline_args(pipe, args: argparse.Namespace) -> None:
+    """The flags that depend on the loaded pipeline: --height / --width multiples of its latent grid, and
+    --guidance-scale on a Flux that has no guidance input (FluxPipeline would ignore it)."""
+    from ..generation import check_image_size
+
+    try:
+        check_image_size(pipe, args.height, args.width)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None  # the message starts with the argument's name
+    transformer = getattr(pipe, "transformer", None)
+    if args.guidance_scale is not None and "Flux" in type(pipe).__name__ and transformer is not None \
+            and not getattr(transformer.config, "guidance_embeds", False):
+        raise ValueError(f"--guidance-scale: this Flux transformer has no guidance input (guidance_embeds=False, "
+                         f"e.g. FLUX.1-schnell), so {type(pipe).__name__} would ignore it; leave it out")
 
 
 def print_rewards(images, batch: list[str], calibration: str | None) -> None:
@@ -129,13 +157,14 @@ def run(args: argparse.Namespace) -> int:
     bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode, allow_pickle=args.allow_pickle)
     if args.eta is None:  # DDIM pipelines: 1 (stochastic); flow-matching ones take no eta
         args.eta = 1.0 if "eta" in inspect.signature(type(bp.pipe).__call__).parameters else None
+    check_pipeline_args(bp.pipe, args)
     bp.pipe.set_progress_bar_config(disable=False, desc="generate", leave=False)
     if weights is not None:
         weights = resolve_weight_names(weights, bp.adapter_names)
     batch = [p for p in prompts for _ in range(args.num_images)]
     images = generate(bp, batch, weights, kl_strength=args.kl_strength, method=args.method, seed=args.seed,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                      normalize=args.normalize, ls_draws=args.ls_draws)
+                      normalize=args.normalize, ls_draws=args.ls_draws, height=args.height, width=args.width)
     out = save_png(image_grid(images, ncols=args.num_images, scale=args.scale), args.output)
     what = "base model" if weights is None else f"{args.method} w={weights} lambda={args.kl_strength}"
     print(f"wrote {out} ({len(prompts)} prompt(s) x {args.num_images} images, {what})")

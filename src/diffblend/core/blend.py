@@ -51,6 +51,98 @@ def _check_number(name: str, value: float) -> float:
     return value
 
 
+def _check_options(method: str, seed: int, sample_keys: Sequence[int] | None, ls_draws: str
+                   ) -> tuple[int, ...] | None:
+    """:meth:`Blend.create`'s method, LS draws, seed and sample keys (as a tuple) checked."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if ls_draws not in LS_DRAWS:
+        raise ValueError(f"ls_draws must be one of {LS_DRAWS}, got {ls_draws!r}")
+    if ls_draws != "iid" and method != "ls":
+        raise ValueError(f"ls_draws={ls_draws!r} applies to method 'ls' only, got method={method!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if sample_keys is not None:
+        sample_keys = tuple(sample_keys)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in sample_keys):
+            raise ValueError(f"sample_keys must be integers, got {list(sample_keys)[:8]}")
+    return sample_keys
+
+
+def _check_kl_strength(kl_strength: float) -> float:
+    """lambda as a float >= 0 (a warning far above the paper's range)."""
+    lam = _check_number("kl_strength (lambda)", kl_strength)
+    if lam < 0:
+        raise ValueError(f"kl_strength (lambda) must be >= 0, got {lam}")
+    if lam > KL_STRENGTH_WARN:
+        warnings.warn(f"kl_strength (lambda) = {lam:g} is above {KL_STRENGTH_WARN:g}, the range the paper sweeps "
+                      f"(0..2): the extrapolation (1 - lambda) eps_base + lambda eps_aligned amplifies the "
+                      f"adapters' change {lam:g}-fold and usually saturates the images", stacklevel=3)
+    return lam
+
+
+def _check_adapter_names(adapter_names: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The adapter names as a tuple of unique strings, none of them the base."""
+    if adapter_names is None:
+        return None
+    adapter_names = tuple(str(n) for n in adapter_names)
+    if BASE in adapter_names:
+        raise ValueError(
+            f"adapter_names must not contain {BASE!r}: the base enters through kl_strength"
+        )
+    if len(set(adapter_names)) != len(adapter_names):
+        raise ValueError(f"adapter_names must be unique, got {list(adapter_names)}")
+    if not adapter_names:
+        raise ValueError("adapter_names must name at least one adapter")
+    return adapter_names
+
+
+def _named_weights(weights: Mapping[str, float] | Sequence[float], adapter_names: tuple[str, ...] | None
+                   ) -> tuple[tuple[str, ...], list[float]]:
+    """(names, w as floats) from a dict (missing adapters: 0) or a list in adapter order."""
+    if isinstance(weights, Mapping):
+        if BASE in weights:
+            raise ValueError(
+                f"weights must not name {BASE!r}: set the base's share with kl_strength "
+                f"(coefficient 1 - lambda)"
+            )
+        unknown = [k for k in weights if adapter_names is not None and k not in adapter_names]
+        if unknown:
+            raise ValueError(
+                f"weights name unknown adapter(s) {unknown}; allowed: {list(adapter_names)}"
+            )
+        names = adapter_names if adapter_names is not None else tuple(str(k) for k in weights)
+        return names, [_check_number(f"weights[{n!r}]", weights.get(n, 0.0)) for n in names]
+    values = [_check_number(f"weights[{i}]", v) for i, v in enumerate(weights)]
+    if adapter_names is None:
+        raise ValueError("adapter_names is required when weights is a list")
+    if len(values) != len(adapter_names):
+        raise ValueError(
+            f"weights has {len(values)} entries but there are {len(adapter_names)} "
+            f"adapters {list(adapter_names)}; give one weight per adapter"
+        )
+    return adapter_names, values
+
+
+def _probabilities(names: Sequence[str], values: list[float], normalize: bool) -> list[float]:
+    """w checked as a probability vector (non-negative; sum 1 unless ``normalize``), divided by its sum."""
+    if not names:
+        raise ValueError("weights must name at least one adapter")
+    negative = [n for n, v in zip(names, values) if v < 0]
+    if negative:
+        raise ValueError(
+            f"weights must be >= 0 (w is a probability vector over rewards); negative for {negative}"
+        )
+    total = sum(values)
+    if total <= 0:
+        raise ValueError("weights must have a positive sum")
+    if not normalize and abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            f"weights must sum to 1 (got {total:.6g}); pass normalize=True to rescale them (diffblend generate: --normalize)"
+        )
+    return [v / total for v in values]  # also removes round-off (1/3 written as 0.3333333), so sum(c) = 1
+
+
 @dataclass(frozen=True)
 class Blend:
     """A validated description of one blend: weights w over named adapters, lambda, method, seed.
@@ -117,79 +209,13 @@ class Blend:
         Raises:
             ValueError: naming the argument and what is allowed.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if ls_draws not in LS_DRAWS:
-            raise ValueError(f"ls_draws must be one of {LS_DRAWS}, got {ls_draws!r}")
-        if ls_draws != "iid" and method != "ls":
-            raise ValueError(f"ls_draws={ls_draws!r} applies to method 'ls' only, got method={method!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if sample_keys is not None:
-            sample_keys = tuple(sample_keys)
-            if not all(isinstance(k, int) and not isinstance(k, bool) for k in sample_keys):
-                raise ValueError(f"sample_keys must be integers, got {list(sample_keys)[:8]}")
-        lam = _check_number("kl_strength (lambda)", kl_strength)
-        if lam < 0:
-            raise ValueError(f"kl_strength (lambda) must be >= 0, got {lam}")
-        if lam > KL_STRENGTH_WARN:
-            warnings.warn(f"kl_strength (lambda) = {lam:g} is above {KL_STRENGTH_WARN:g}, the range the paper sweeps "
-                          f"(0..2): the extrapolation (1 - lambda) eps_base + lambda eps_aligned amplifies the "
-                          f"adapters' change {lam:g}-fold and usually saturates the images", stacklevel=2)
+        sample_keys = _check_options(method, seed, sample_keys, ls_draws)
+        lam = _check_kl_strength(kl_strength)
         if weights is None or isinstance(weights, (str, bytes)) or not isinstance(weights, (Mapping, Sequence)):
             raise TypeError(f"weights must be a dict {{adapter name: w}} or a list of numbers (one per adapter), "
                             f"got {type(weights).__name__} {weights!r}")
-
-        if adapter_names is not None:
-            adapter_names = tuple(str(n) for n in adapter_names)
-            if BASE in adapter_names:
-                raise ValueError(
-                    f"adapter_names must not contain {BASE!r}: the base enters through kl_strength"
-                )
-            if len(set(adapter_names)) != len(adapter_names):
-                raise ValueError(f"adapter_names must be unique, got {list(adapter_names)}")
-            if not adapter_names:
-                raise ValueError("adapter_names must name at least one adapter")
-
-        if isinstance(weights, Mapping):
-            if BASE in weights:
-                raise ValueError(
-                    f"weights must not name {BASE!r}: set the base's share with kl_strength "
-                    f"(coefficient 1 - lambda)"
-                )
-            unknown = [k for k in weights if adapter_names is not None and k not in adapter_names]
-            if unknown:
-                raise ValueError(
-                    f"weights name unknown adapter(s) {unknown}; allowed: {list(adapter_names)}"
-                )
-            names = adapter_names if adapter_names is not None else tuple(str(k) for k in weights)
-            values = [_check_number(f"weights[{n!r}]", weights.get(n, 0.0)) for n in names]
-        else:
-            values = [_check_number(f"weights[{i}]", v) for i, v in enumerate(weights)]
-            if adapter_names is None:
-                raise ValueError("adapter_names is required when weights is a list")
-            if len(values) != len(adapter_names):
-                raise ValueError(
-                    f"weights has {len(values)} entries but there are {len(adapter_names)} "
-                    f"adapters {list(adapter_names)}; give one weight per adapter"
-                )
-            names = adapter_names
-        if not names:
-            raise ValueError("weights must name at least one adapter")
-
-        negative = [n for n, v in zip(names, values) if v < 0]
-        if negative:
-            raise ValueError(
-                f"weights must be >= 0 (w is a probability vector over rewards); negative for {negative}"
-            )
-        total = sum(values)
-        if total <= 0:
-            raise ValueError("weights must have a positive sum")
-        if not normalize and abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"weights must sum to 1 (got {total:.6g}); pass normalize=True to rescale them (diffblend generate: --normalize)"
-            )
-        values = [v / total for v in values]  # also removes round-off (1/3 written as 0.3333333), so sum(c) = 1
+        names, values = _named_weights(weights, _check_adapter_names(adapter_names))
+        values = _probabilities(names, values, normalize)
         if method == "ls" and lam > 1 + 1e-12:
             raise ValueError(
                 f"method 'ls' needs non-negative coefficients, but kl_strength (lambda) = {lam} > 1 "

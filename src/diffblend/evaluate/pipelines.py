@@ -119,6 +119,8 @@ class DiffusersBackend(Backend):
         return self.model.encode(list(prompts))
 
     def denoiser(self, blend: Blend | None):
+        if self.model.guidance_embed:  # guidance-distilled Flux: the scale is an input, one pass (no CFG rows)
+            return self.model.guide(self.bp.denoiser(blend, prepare=self.model.prepare), self.guidance_scale)
         inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1, prepare=self.model.prepare)
         return self.model.guide(inner, self.guidance_scale if self._cfg else 1.0)
 

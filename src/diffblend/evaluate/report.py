@@ -77,54 +77,13 @@ def _section(records: list[dict], names: list[str], out_dir: Path, tag: str, roo
     md = [f"## Rewards: {', '.join(names)}", ""]
     have_oracle = any(r["method"] == "morl" for r in recs)
     if w_mid is not None:
-        gains = oracle_gain(recs, others + (["morl"] if have_oracle else []), w_mid) if have_oracle else {}
-        base_s = _seconds(recs, "base", None)
-        base_n = _nfe(recs, "base", None)
-        rows = []
-        for m in methods:
-            mean_r = _mean_weighted(recs, m, w_mid)
-            g = gains.get(m, {})
-            frac = g.get("fraction", math.nan) if m not in ("base",) else 0.0
-            ci = f" [{_f(g['lo'], 2)}, {_f(g['hi'], 2)}]" if "lo" in g and not math.isnan(g.get("lo", math.nan)) else ""
-            s = _seconds(recs, m, w_mid)
-            rows.append([_style_label(m), _pm(*mean_r[:2]), mean_r[2],
-                         ("1.00 (oracle)" if m == "morl" else f"{_f(frac, 2)}{ci}") if have_oracle else "n/a",
-                         _f(s / base_s if base_s > 0 else math.nan, 2), _f(_nfe(recs, m, w_mid) / base_n, 2),
-                         _f(s * 1000, 1)])
-        md += [f"### Headline at w = ({_wlabel(w_mid)})", "",
-               "Weighted reward r(w) = sum_i w_i r_i, mean ± 95% CI over images; fraction of the MORL oracle's "
-               "gain over the base, (R_m - R_base) / (R_morl - R_base), with a paired-bootstrap 95% interval; "
-               "cost = generation seconds per image and denoiser evaluations per image, relative to the base.", "",
-               _table(["method", "r(w)", "n", "oracle-gain fraction", "time ratio", "NFE ratio", "ms / image"], rows),
-               ""]
+        md += _headline(recs, methods, others, w_mid, have_oracle)
     if have_oracle and grid:
-        rows = []
-        for w in grid:
-            g = oracle_gain(recs, others, w)
-            base_r = g.get("base", {}).get("R", math.nan)
-            orc_r = g.get("morl", {}).get("R", math.nan)
-            rows.append([_wlabel(w), _f(base_r), _f(orc_r)] + [_f(g[m]["fraction"], 2) for m in others])
-        md += ["### Fraction of the oracle's gain at each w", "",
-               "n/a where the fraction is undefined: no oracle (or no images of the method) at that w, or "
-               "the oracle does not beat the base there.", "",
-               _table(["w", "R_base", "R_morl"] + [_style_label(m) for m in others], rows), ""]
+        md += _oracle_fractions(recs, others, grid)
     if len(names) >= 2:
-        fr = method_fronts(recs, names, methods)
-        ref = fr.pop("__ref__")["ref"]
-        rows = [[_style_label(m), len(v["points"]), int(v["front_mask"].sum()), _f(v["hv"], 4)]
-                for m, v in fr.items()]
-        md += ["### Pareto fronts and hypervolume", "",
-               f"Per method, the mean reward vectors of its settings (lambda = 1), how many are Pareto-optimal "
-               f"within the method, and the exact hypervolume above the common reference point "
-               f"({', '.join(f'{n}={x:.3f}' for n, x in zip(names, ref))}: the worst mean of any setting).", "",
-               _table(["method", "settings", "on own front", "hypervolume"], rows), ""]
+        md += _fronts(recs, names, methods)
     if len(names) == 2:
-        p = plots.plot_pareto(recs, names, out_dir / f"{tag}pareto.png", methods)
-        md += [f"![Pareto curves]({os.path.relpath(p, out_dir)})", ""]
-        g = plots.plot_image_grid(recs, root, out_dir / f"{tag}grid.png", names,
-                                  [m for m in methods if m != "kla"])
-        if g is not None:
-            md += [f"![Samples across w]({os.path.relpath(g, out_dir)})", ""]
+        md += _figures(recs, names, methods, out_dir, tag, root)
     rows = []
     for row in summarize(recs):
         rows.append([_style_label(row["method"]), _wlabel(row["weights"]), row["n"]]
@@ -132,6 +91,68 @@ def _section(records: list[dict], names: list[str], out_dir: Path, tag: str, roo
                     + [_f(row["seconds"] * 1000, 1), _f(row["nfe"], 0)])
     md += ["### Every setting", "", _table(["method", "w", "n", *names, "ms / image", "NFE"], rows), ""]
     return "\n".join(md)
+
+
+def _headline(recs: list[dict], methods: list[str], others: list[str], w_mid: dict, have_oracle: bool) -> list[str]:
+    """The headline table at the balanced w: r(w), oracle-gain fraction, cost relative to the base."""
+    gains = oracle_gain(recs, others + (["morl"] if have_oracle else []), w_mid) if have_oracle else {}
+    base_s = _seconds(recs, "base", None)
+    base_n = _nfe(recs, "base", None)
+    rows = []
+    for m in methods:
+        mean_r = _mean_weighted(recs, m, w_mid)
+        g = gains.get(m, {})
+        frac = g.get("fraction", math.nan) if m not in ("base",) else 0.0
+        ci = f" [{_f(g['lo'], 2)}, {_f(g['hi'], 2)}]" if "lo" in g and not math.isnan(g.get("lo", math.nan)) else ""
+        s = _seconds(recs, m, w_mid)
+        rows.append([_style_label(m), _pm(*mean_r[:2]), mean_r[2],
+                     ("1.00 (oracle)" if m == "morl" else f"{_f(frac, 2)}{ci}") if have_oracle else "n/a",
+                     _f(s / base_s if base_s > 0 else math.nan, 2), _f(_nfe(recs, m, w_mid) / base_n, 2),
+                     _f(s * 1000, 1)])
+    return [f"### Headline at w = ({_wlabel(w_mid)})", "",
+            "Weighted reward r(w) = sum_i w_i r_i, mean ± 95% CI over images; fraction of the MORL oracle's "
+            "gain over the base, (R_m - R_base) / (R_morl - R_base), with a paired-bootstrap 95% interval; "
+            "cost = generation seconds per image and denoiser evaluations per image, relative to the base.", "",
+            _table(["method", "r(w)", "n", "oracle-gain fraction", "time ratio", "NFE ratio", "ms / image"], rows),
+            ""]
+
+
+def _oracle_fractions(recs: list[dict], others: list[str], grid: list) -> list[str]:
+    """Each method's fraction of the MORL oracle's gain at every w of the grid."""
+    rows = []
+    for w in grid:
+        g = oracle_gain(recs, others, w)
+        base_r = g.get("base", {}).get("R", math.nan)
+        orc_r = g.get("morl", {}).get("R", math.nan)
+        rows.append([_wlabel(w), _f(base_r), _f(orc_r)] + [_f(g[m]["fraction"], 2) for m in others])
+    return ["### Fraction of the oracle's gain at each w", "",
+            "n/a where the fraction is undefined: no oracle (or no images of the method) at that w, or "
+            "the oracle does not beat the base there.", "",
+            _table(["w", "R_base", "R_morl"] + [_style_label(m) for m in others], rows), ""]
+
+
+def _fronts(recs: list[dict], names: list[str], methods: list[str]) -> list[str]:
+    """Per method: settings, how many are on its own Pareto front, and the hypervolume."""
+    fr = method_fronts(recs, names, methods)
+    ref = fr.pop("__ref__")["ref"]
+    rows = [[_style_label(m), len(v["points"]), int(v["front_mask"].sum()), _f(v["hv"], 4)]
+            for m, v in fr.items()]
+    return ["### Pareto fronts and hypervolume", "",
+            f"Per method, the mean reward vectors of its settings (lambda = 1), how many are Pareto-optimal "
+            f"within the method, and the exact hypervolume above the common reference point "
+            f"({', '.join(f'{n}={x:.3f}' for n, x in zip(names, ref))}: the worst mean of any setting).", "",
+            _table(["method", "settings", "on own front", "hypervolume"], rows), ""]
+
+
+def _figures(recs: list[dict], names: list[str], methods: list[str], out_dir: Path, tag: str, root: Path
+             ) -> list[str]:
+    """Two rewards: the Pareto curves and the grid of sample images across w (when images were saved)."""
+    p = plots.plot_pareto(recs, names, out_dir / f"{tag}pareto.png", methods)
+    md = [f"![Pareto curves]({os.path.relpath(p, out_dir)})", ""]
+    g = plots.plot_image_grid(recs, root, out_dir / f"{tag}grid.png", names, [m for m in methods if m != "kla"])
+    if g is not None:
+        md += [f"![Samples across w]({os.path.relpath(g, out_dir)})", ""]
+    return md
 
 
 def _mean_weighted(recs, m, w):
