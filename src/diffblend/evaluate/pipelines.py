@@ -188,20 +188,24 @@ class DiffusersBackend(Backend):
             return self.decode(x0)
 
 
-def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20, guidance_scale: float = 2.0,
+def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20, guidance_scale: float | None = None,
                     non_differentiable: str = "skip", device: str = "cpu", mode: str = "auto",
-                    calibration: str | None = None) -> DiffusersBackend:
-    """The embedded digits model with its shipped adapters (``zoo/adapters``) as a backend.
+                    calibration: str | None = None, model: str | None = None) -> DiffusersBackend:
+    """An embedded model (``model``: its name; None: the default) with its shipped adapters as a backend;
+    ``guidance_scale`` None: the model's own CFG scale.
 
     Shipped adapters named after a reward are the per-reward adapters; an adapter whose manifest
     entry gives ``"weights"`` (``{reward: w}``) or whose name is ``morl[...]`` / ``morl_...`` with a
     weight spec is a MORL oracle. ``rewards`` defaults to every registered reward.
     """
     from ..generation import load_pipeline
+    from ..registry import default_model
     from ..rewards import available_rewards, canonical_name
 
-    per_reward, oracles = shipped_adapter_roles()
-    pipe = load_pipeline(None, device=device)
+    embedded = default_model(model)
+    per_reward, oracles = shipped_adapter_roles(embedded.name)
+    pipe = load_pipeline(embedded.name, device=device)
+    guidance_scale = embedded.guidance_scale if guidance_scale is None else guidance_scale
     names = list(rewards) if rewards else available_rewards()
     names = [n if (Path(n) / "reward.json").is_file() else canonical_name(n) for n in names]  # folders as given
     return DiffusersBackend(pipe, per_reward, names, oracles=oracles, num_steps=num_steps,
@@ -209,17 +213,18 @@ def default_backend(rewards: Sequence[str] | None = None, *, num_steps: int = 20
                             device=device, calibration=calibration)
 
 
-def shipped_adapter_roles() -> tuple[dict[str, Path], list[tuple[dict[str, float], Path]]]:
-    """Split the shipped adapters into ``{reward: path}`` and ``[(w, path)]`` MORL oracles."""
+def shipped_adapter_roles(model: str | None = None) -> tuple[dict[str, Path], list[tuple[dict[str, float], Path]]]:
+    """Split the shipped adapters of an embedded model (None: the default) into ``{reward: path}`` and
+    ``[(w, path)]`` MORL oracles."""
     import json
     import re
 
     from ..registry import default_model
     from ..rewards import canonical_name, parse_reward_weights
 
-    model = default_model()
-    files = model.adapters(True)
-    folder = model.adapters_dir
+    embedded = default_model(model)
+    files = embedded.adapters(True)
+    folder = embedded.adapters_dir
     manifest = {}
     if folder is not None and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text()).get("adapters", {})
