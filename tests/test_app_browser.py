@@ -22,7 +22,7 @@ pytest.importorskip("playwright", reason="playwright is not installed (the dev e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ROOT / "docs" / "paper_comparison" / "records.jsonl"
+RECORDS = ROOT / "docs" / "paper_comparison_digits" / "records.jsonl"
 TIMEOUT_MS = 20_000
 
 

@@ -13,7 +13,7 @@ from diffblend.app import fronts
 from diffblend.evaluate.records import read_records
 from diffblend.zoo.generate import generate
 
-RECORDS = Path(__file__).resolve().parents[1] / "docs" / "paper_comparison" / "records.jsonl"
+RECORDS = Path(__file__).resolve().parents[1] / "docs" / "paper_comparison_digits" / "records.jsonl"
 STEPS = 4
 A, B = "jpeg_compressibility", "legibility"
 

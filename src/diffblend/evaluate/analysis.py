@@ -27,7 +27,7 @@ from .records import record_key, setting_key
 
 __all__ = [
     "weighted_reward", "mean_ci", "reward_names", "summarize", "select", "weighted_means",
-    "oracle_gain", "cost_table", "method_fronts", "kla_table", "weight_grid_of",
+    "oracle_gain", "paired_difference", "cost_table", "method_fronts", "kla_table", "weight_grid_of",
 ]
 
 
@@ -126,6 +126,19 @@ def weighted_means(records: Iterable[Mapping], method: str, weights: Mapping[str
     vals = [weighted_reward(r["rewards"], weights) for r in sel.values()]
     m, h = mean_ci(vals)
     return m, h, len(vals)
+
+
+def paired_difference(records: Iterable[Mapping], a: str, b: str, weights: Mapping[str, float],
+                      level: float = 0.95) -> dict[str, float]:
+    """r(w) of method ``a`` minus that of ``b`` at w, paired over the (prompt, seed) images both have (the same
+    noise): ``{"diff": mean, "lo", "hi": Student-t interval at level, "n"}`` (NaN bounds for n < 2)."""
+    recs = list(records)
+    sa = select(recs, a, None if a == "base" else weights, None, any_lambda=True)
+    sb = select(recs, b, None if b == "base" else weights, None, any_lambda=True)
+    shared = sorted(set(sa) & set(sb))
+    d = [weighted_reward(sa[k]["rewards"], weights) - weighted_reward(sb[k]["rewards"], weights) for k in shared]
+    m, h = mean_ci(d, level)
+    return {"diff": m, "lo": m - h, "hi": m + h, "n": len(d)}
 
 
 def weight_grid_of(records: Iterable[Mapping], method: str = "mpa") -> list[dict[str, float]]:

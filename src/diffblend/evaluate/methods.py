@@ -123,7 +123,8 @@ class MethodOptions:
     """Settings shared by every method of a sweep."""
 
     eta: float = 1.0  # DDIM eta of every method (1: the stochastic sampler LS needs)
-    rgg: RGGConfig = field(default_factory=RGGConfig)  # reward-gradient guidance settings
+    rgg: RGGConfig = field(default_factory=RGGConfig)  # reward-gradient guidance settings (the authors')
+    rgg_tuned: RGGConfig | None = None  # method "rgg_tuned": RGG with a scale chosen on held-out prompts
     code: CoDeConfig = field(default_factory=CoDeConfig)  # controlled decoding settings
     blend_seed: int = 0  # seed of the LS adapter draws
 
@@ -191,14 +192,21 @@ def _need_vp(backend: Backend, method: str) -> None:
                          f"use base, mpa, ls, ls_stratified, ls_golden, soup, kla or morl")
 
 
-def _gen_rgg(backend, setting, prompts, seeds, options):
-    _need_vp(backend, "rgg")
-    x, gens = _noise(backend, prompts, seeds)
-    cfg = RGGConfig(**{**options.rgg.__dict__, "eta": options.eta})
-    fn = backend.score_fn(setting.weights_dict, prompts, differentiable=True)
-    out = rgg_sample(backend.denoiser(None), x, backend.schedule, backend.timesteps, backend.encode(prompts),
-                     score_fn=fn, config=cfg, decode=backend.decode, generators=gens)
-    return GenResult(out.sample, out.nfe)
+def _gen_rgg_with(option: str) -> Callable:
+    """RGG with the settings ``options.<option>`` ("rgg": the authors'; "rgg_tuned": a tuned scale)."""
+    def gen(backend, setting, prompts, seeds, options):
+        _need_vp(backend, option)
+        rgg = getattr(options, option)
+        if rgg is None:
+            raise ValueError(f"method {option!r} needs MethodOptions.{option} (an RGGConfig)")
+        x, gens = _noise(backend, prompts, seeds)
+        cfg = RGGConfig(**{**rgg.__dict__, "eta": options.eta})
+        fn = backend.score_fn(setting.weights_dict, prompts, differentiable=True)
+        out = rgg_sample(backend.denoiser(None), x, backend.schedule, backend.timesteps, backend.encode(prompts),
+                         score_fn=fn, config=cfg, decode=backend.decode, generators=gens)
+        return GenResult(out.sample, out.nfe)
+
+    return gen
 
 
 def _gen_code(backend, setting, prompts, seeds, options):
@@ -215,7 +223,8 @@ def _gen_code(backend, setting, prompts, seeds, options):
 _REGISTRY: dict[str, Callable] = {
     "base": _gen_base, "mpa": _gen_blend("mpa"), "ls": _gen_blend("ls"), "soup": _gen_blend("soup"),
     "ls_stratified": _gen_blend("ls", "stratified"), "ls_golden": _gen_blend("ls", "golden"),
-    "kla": _gen_blend("mpa"), "rgg": _gen_rgg, "code": _gen_code, "morl": _gen_morl,
+    "kla": _gen_blend("mpa"), "rgg": _gen_rgg_with("rgg"), "rgg_tuned": _gen_rgg_with("rgg_tuned"),
+    "code": _gen_code, "morl": _gen_morl,
 }
 METHOD_NAMES = frozenset(_REGISTRY)
 

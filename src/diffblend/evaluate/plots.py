@@ -21,6 +21,7 @@ METHOD_STYLE = {  # label, colour, marker
     "base": ("base", "black", "*"), "mpa": ("DB-MPA", "tab:blue", "o"), "ls": ("DB-MPA-LS", "tab:cyan", "s"),
     "ls_stratified": ("DB-MPA-LS stratified", "teal", "s"), "ls_golden": ("DB-MPA-LS golden", "darkcyan", "s"),
     "soup": ("Rewarded Soup", "tab:orange", "^"), "rgg": ("RGG", "tab:green", "v"),
+    "rgg_tuned": ("RGG (tuned scale)", "darkgreen", "<"),
     "code": ("CoDe", "tab:purple", "D"), "morl": ("MORL oracle", "tab:red", "P"), "kla": ("DB-KLA", "tab:brown", "x"),
 }
 

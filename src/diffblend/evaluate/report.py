@@ -23,7 +23,7 @@ from .._io import atomic_write_text
 
 __all__ = ["build_report", "write_report", "METHOD_ORDER"]
 
-METHOD_ORDER = ("base", "soup", "code", "rgg", "mpa", "ls", "ls_stratified", "ls_golden", "morl", "kla")
+METHOD_ORDER = ("base", "soup", "code", "rgg", "rgg_tuned", "mpa", "ls", "ls_stratified", "ls_golden", "morl", "kla")
 
 
 def _f(x: float, nd: int = 3) -> str:
