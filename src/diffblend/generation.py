@@ -59,6 +59,19 @@ def shipped_adapters(include_oracles: bool = False, model: str | None = None) ->
     return embedded.adapters(include_oracles)
 
 
+def embedded_model(model: str | None) -> Any:
+    """The registered :class:`~diffblend.registry.DefaultModel` that ``model`` means (None: the default one; an
+    embedded name), or None for a pipeline folder / hub id (or when no embedded model is registered)."""
+    from .registry import default_model
+
+    if model is not None and not embedded_name(model):
+        return None
+    try:
+        return default_model(model)
+    except LookupError:
+        return None
+
+
 def embedded_name(model: str | None) -> str | None:
     """``model`` if it names an embedded model (``digits``, ``colour``...) and no folder of that name exists
     here, else None (a folder or hub id)."""

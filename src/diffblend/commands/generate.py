@@ -15,7 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "adapters; --model DIR (a diffusers pipeline folder or hub id) with --adapter NAME=PATH for "
                     "another model. --weights omitted: the base model.")
     p.add_argument("--prompt", action="append", default=None,
-                   help="a prompt (repeatable); default model: '7', 'a digit 7', 'seven'... (default '7')")
+                   help="a prompt (repeatable; default: the embedded model's first default prompt); the digits "
+                        "model: '7', 'a digit 7', 'seven'...; the colour model: 'a small red triangle on a striped "
+                        "blue background' or part of it")
     p.add_argument("--weights", default=None,
                    help="preference weights over adapters, NAME=W[,NAME=W...] summing to 1, e.g. "
                         "compressibility=0.3,legibility=0.7 (reward aliases accepted); omit for the base model")
@@ -42,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 1: the stochastic sampler; pipelines without eta, such as "
                         "SD3's flow matching, get none: their scheduler decides)")
-    p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: embedded digits)")
+    p.add_argument("--model", default=None,
+                   help="a diffusers pipeline folder or hub id, or an embedded model by name (colour, digits); "
+                        "default: the default embedded model")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a LoRA adapter (repeatable); added to the shipped ones for the default model")
     p.add_argument("--replace-shipped", action="store_true",
@@ -120,12 +124,13 @@ def check_pipeline_args(pipe, args: argparse.Namespace) -> None:
                          f"e.g. FLUX.1-schnell), so {type(pipe).__name__} would ignore it; leave it out")
 
 
-def print_rewards(images, batch: list[str], calibration: str | None) -> None:
-    """The mean of every option-free reward over the images (standardised with a calibration manifest)."""
+def print_rewards(images, batch: list[str], calibration: str | None, names: list[str] | None = None) -> None:
+    """The mean of each reward of ``names`` (default: every option-free reward) over the images (standardised
+    with a calibration manifest)."""
     from ..generation import score_images
     from ..rewards import available_rewards
 
-    names = available_rewards()
+    names = available_rewards() if names is None else names
     if calibration:  # the rewards the manifest standardises
         from ..rewards.calibration import load_calibration
 
@@ -144,15 +149,18 @@ def run(args: argparse.Namespace) -> int:
     from ._util import set_threads
 
     set_threads(args.threads)
-    from ..generation import generate, image_grid, load_blend_pipeline, resolve_weight_names, save_png, \
-        shipped_adapters
+    from ..generation import embedded_model, generate, image_grid, load_blend_pipeline, reward_names_for, \
+        resolve_weight_names, save_png, shipped_adapters
     from ._util import parse_weights
 
     check_args(args)
-    prompts = args.prompt or ["7"]
+    embedded = embedded_model(args.model)
+    prompts = args.prompt or (list(embedded.prompts[:1]) if embedded and embedded.prompts else ["7"])
+    if args.guidance_scale is None and embedded is not None:
+        args.guidance_scale = embedded.guidance_scale
     extra = parse_adapters(args.adapter)
     weights = parse_weights(args.weights) if args.weights is not None else None
-    shipped = shipped_adapters(include_oracles=args.oracles) if args.model is None else {}
+    shipped = shipped_adapters(include_oracles=args.oracles, model=args.model) if embedded else {}
     adapters = merge_adapters(shipped, extra, args.replace_shipped)
     bp = load_blend_pipeline(args.model, adapters, device=args.device, mode=args.mode, allow_pickle=args.allow_pickle)
     if args.eta is None:  # DDIM pipelines: 1 (stochastic); flow-matching ones take no eta
@@ -168,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_png(image_grid(images, ncols=args.num_images, scale=args.scale), args.output)
     what = "base model" if weights is None else f"{args.method} w={weights} lambda={args.kl_strength}"
     print(f"wrote {out} ({len(prompts)} prompt(s) x {args.num_images} images, {what})")
-    if not args.no_scores and args.model is None:
-        print_rewards(images, batch, args.calibration)
+    if not args.no_scores and embedded is not None:
+        names = None if embedded.name == "digits" else reward_names_for(bp.adapter_names, embedded.report_rewards)
+        print_rewards(images, batch, args.calibration, names)
     return 0
