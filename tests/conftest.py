@@ -13,3 +13,14 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _digits_is_the_default_model():
+    """The suite's fast model: the embedded digits model (1x16x16) is what ``model=None`` means in every
+    test; the colour default (3x32x32) is tested where tests name it (``model="colour"``). Restored at the end."""
+    from diffblend.registry import use_default_model
+
+    previous = use_default_model("digits")
+    yield
+    use_default_model(previous)
