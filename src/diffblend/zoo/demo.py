@@ -113,24 +113,38 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
     cell = 0.75  # inches per image: room for two or three lines of labels above each column
     fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * (cell * K + 0.4), cell * N + 1.4),
                              squeeze=False)
-    short = {"jpeg_compressibility": "compr", "legibility": "legib", "boldness": "bold"}
+    short = {"jpeg_compressibility": "compr", "legibility": "legib", "boldness": "bold", "colourfulness": "colour",
+             "prompt_alignment": "align"}
     for ax, m in zip(axes[0], methods):
         x = res.images[m].transpose(0, 1).reshape(N * K, *res.images[m].shape[2:])  # row = prompt, col = w
         grid = image_grid(x, ncols=K, scale=scale)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        fmt = "{:.1f}" if any(abs(v) >= 100 for vals in res.rewards[m].values() for v in vals) else "{:.3f}"
         col = grid.shape[2] / K
         labels = []
         for k, w in enumerate(res.ws):
-            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {v[k]:.3f}" for r, v in res.rewards[m].items()]
+            lines = [f"w={w:.2f}"] + [f"{short.get(r, r)} {fmt.format(v[k])}" for r, v in res.rewards[m].items()]
             labels.append("\n".join(lines))
         ax.set_xticks([col * (k + 0.5) for k in range(K)], labels, fontsize=7)
         ax.xaxis.tick_top()
         ax.set_yticks([])
         title = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "soup": "Rewarded Soup"}.get(m, m)
-        ax.set_xlabel(f"{title}: {res.pair[0]} (w=0) -> {res.pair[1]} (w=1)", fontsize=9)
-    fig.tight_layout()
+        a, b = (short.get(r, r) for r in res.pair)
+        ax.set_xlabel(f"{title}\n{a} (w=0) -> {b} (w=1)", fontsize=9)
+    fig.text(0.01, 0.005, _legend(list(res.rewards[methods[0]]), short), fontsize=6, va="bottom", ha="left",
+             wrap=True)
+    fig.tight_layout(rect=(0, 0.06 * max(1, len(res.rewards[methods[0]])) / 2, 1, 1))
     path = Path(path)
     fmt = figure_format(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
     plt.close(fig)
     return path
+
+
+def _legend(rewards: list[str], short: dict[str, str]) -> str:
+    """One line per reward: its short label, then what it measures, its unit and which way is better."""
+    from ..rewards import reward_info
+
+    info = reward_info()
+    return "\n".join(f"{short.get(r, r)} = {r}: {info.get(r, '').split(' (alias')[0]}" for r in rewards)
+
