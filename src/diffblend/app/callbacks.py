@@ -42,6 +42,8 @@ class Session:
     scale: int = 8  # nearest-neighbour upscaling of the shown images (16 x 16 digits -> 128 x 128)
     lock: threading.Lock = field(default_factory=threading.Lock)
     backends: dict = field(default_factory=dict)  # (steps, guidance) -> evaluate backend, for records points
+    prompt: str = "7"  # the prompt box's first value (an embedded model's first default prompt)
+    guidance_scale: float = 2.0  # the guidance slider's first value
 
     @property
     def adapter_names(self) -> list[str]:
@@ -65,16 +67,20 @@ def make_session(model: str | None = None, adapters: Mapping[str, str] | None = 
     rewards (default: every registered one for the default model, those named after the adapters
     otherwise) and the records of a sweep (``--records``)."""
     from ..rewards import available_rewards, get_reward
-    from ..generation import load_blend_pipeline, reward_names_for, shipped_adapters
+    from ..generation import embedded_model, load_blend_pipeline, reward_names_for, shipped_adapters
 
+    embedded = embedded_model(model)
     if adapters is None:
-        adapters = shipped_adapters() if model is None else {}
+        adapters = shipped_adapters(model=model) if embedded else {}
     bp = load_blend_pipeline(model, dict(adapters), device=device, mode=mode)
     if not bp.adapter_names:
         raise ValueError("the app needs at least one adapter: pass --adapter NAME=PATH")
     bp.pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")  # tracked by gr.Progress
     if rewards is None:
-        rewards = available_rewards() if model is None else reward_names_for(bp.adapter_names, always=())
+        if embedded is not None and embedded.name == "digits":
+            rewards = available_rewards()
+        else:
+            rewards = reward_names_for(bp.adapter_names, always=embedded.report_rewards if embedded else ())
     fns = {n: get_reward(n, device=device) for n in rewards}
     recs = None
     if records is not None:
@@ -83,7 +89,10 @@ def make_session(model: str | None = None, adapters: Mapping[str, str] | None = 
         recs = read_records(records)
         if not recs:
             raise ValueError(f"--records {records}: the file holds no records")
-    return Session(bp=bp, rewards=fns, records=recs)
+    extra = {"prompt": embedded.prompts[0], "guidance_scale": embedded.guidance_scale,
+             "scale": max(1, 128 // bp.pipe.unet.config.sample_size) if getattr(bp.pipe, "unet", None) else 8} \
+        if embedded is not None and embedded.prompts else {}
+    return Session(bp=bp, rewards=fns, records=recs, **extra)
 
 
 def blend_weights(session: Session, values: Sequence[float]) -> dict[str, float]:

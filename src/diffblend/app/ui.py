@@ -49,12 +49,12 @@ def _main_panel(session: cb.Session) -> tuple[list, list, dict]:
             used = gr.Markdown(elem_id="used-weights")
             lam = gr.Slider(0, 2, value=1.0, step=0.05, label="KL strength lambda (1 = DB-MPA; LS needs <= 1)")
             method = gr.Radio(list(cb.METHOD_LABELS), value="DB-MPA", label="method")
-            prompt = gr.Textbox("7", label="prompt")
+            prompt = gr.Textbox(session.prompt, label="prompt")
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="seed", minimum=0)
                 count = gr.Slider(1, 8, value=1, step=1, label="images")
             steps = gr.Slider(1, 50, value=20, step=1, label="steps")
-            guidance = gr.Slider(1, 10, value=2.0, step=0.5, label="guidance")
+            guidance = gr.Slider(1, 10, value=session.guidance_scale, step=0.5, label="guidance")
             live = gr.Checkbox(True, label="update live while dragging (else on release)")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="images", columns=4, height="auto", format="png", elem_id="main-gallery", preview=False,

@@ -1,0 +1,45 @@
+"""The shipped colour model as an embedded model: registered by name, with its adapters, through the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from diffblend.cli import main
+from diffblend.registry import default_model, embedded_models
+
+pytestmark = pytest.mark.skipif("colour" not in embedded_models(), reason="the colour model's weights are not shipped")
+
+
+def test_colour_is_registered_with_its_prompts_pair_and_adapters():
+    m = default_model("colour")
+    assert m.demo_pair is not None and len(m.prompts) >= 4 and m.guidance_scale == 3.0
+    files = m.adapters(True)
+    assert set(m.demo_pair) <= set(files)
+    manifest = json.loads((m.adapters_dir / "manifest.json").read_text())["adapters"]
+    assert set(manifest) == set(files)  # every shipped file is described, nothing else
+    assert (m.adapters_dir / "calibration.json").is_file()
+
+
+def test_generate_and_demo_run_on_the_colour_model(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    pair = ",".join(default_model("colour").demo_pair)
+    assert main(["generate", "--model", "colour", "--num-images", "2", "--steps", "2", "--weights",
+                 pair.replace(",", "=0.5,") + "=0.5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "mean rewards" in text and "prompt_alignment" in text
+    demo = tmp_path / "d.png"
+    assert main(["demo", "--model", "colour", "--num-images", "2", "--columns", "2", "--steps", "2",
+                 "--methods", "mpa", "--no-progress", "-o", str(demo)]) == 0
+    assert demo.is_file()
+
+
+def test_colour_pipeline_is_rgb_and_predicts_v():
+    from diffblend.generation import load_pipeline
+
+    pipe = load_pipeline("colour")
+    assert pipe.unet.config.in_channels == 3 and pipe.scheduler.config.prediction_type == "v_prediction"
+    with torch.no_grad():
+        img = pipe(["a red circle"], num_inference_steps=2, output_type="pt",
+                   generator=[torch.Generator().manual_seed(0)]).images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
