@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._fields import setting
 from ..core.sampling import Denoiser, NoiseSchedule, ddim_step
 from ._common import ScoreFn, identity, repeat_cond
 
@@ -34,9 +35,9 @@ __all__ = ["CoDeConfig", "CoDeOutput", "code_sample"]
 class CoDeConfig:
     """Settings of controlled decoding."""
 
-    num_candidates: int = 20  # N, candidates per sample per block (paper: 20)
-    block_size: int = 5  # B, denoising steps per block (paper: 5)
-    eta: float = 1.0  # DDIM eta; candidates differ only through the step noise, so eta > 0
+    num_candidates: int = setting(20, "N, candidates per sample per block (paper: 20)")
+    block_size: int = setting(5, "B, denoising steps per block (paper: 5)")
+    eta: float = setting(1.0, "DDIM eta; candidates differ only through the step noise, so eta > 0")
 
     def __post_init__(self) -> None:
         if int(self.num_candidates) != self.num_candidates or self.num_candidates < 1:
