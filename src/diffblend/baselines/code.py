@@ -70,6 +70,25 @@ def _candidate_noise(shape, generators, B: int, N: int, x: torch.Tensor) -> torc
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+def _candidates(denoiser: Denoiser, x: torch.Tensor, pred: torch.Tensor, schedule: NoiseSchedule, ts: torch.Tensor,
+                steps: range, cond_n: Any, config: CoDeConfig, generators) -> tuple[torch.Tensor, int]:
+    """The (B*N, ...) candidates after the DDIM steps ``steps`` of one block from ``x`` (B, ...), whose
+    prediction ``pred`` is known; and the denoiser evaluations per sample it took."""
+    B, N, S = x.shape[0], int(config.num_candidates), len(ts)
+    # Every candidate starts from x: its first prediction is the shared one.
+    xc, pc = x.repeat_interleave(N, 0), pred.repeat_interleave(N, 0)
+    nfe = 0
+    for i in steps:
+        t = ts[i]
+        prev_t = ts[i + 1] if i + 1 < S else torch.tensor(-1)
+        if i > steps.start:
+            pc = denoiser(xc, t.expand(B * N).to(x.device), cond_n)
+            nfe += N
+        noise = _candidate_noise(tuple(x.shape[1:]), generators, B, N, x)
+        xc = ddim_step(pc, t, xc, schedule, prev_t, config.eta, noise=noise).prev_sample
+    return xc, nfe
+
+
 @torch.no_grad()
 def code_sample(
     denoiser: Denoiser,
@@ -96,7 +115,6 @@ def code_sample(
     """
     ts = torch.as_tensor(timesteps, dtype=torch.long)
     B, N, S = x.shape[0], int(config.num_candidates), len(ts)
-    shape = tuple(x.shape[1:])
     cond_n = repeat_cond(cond, N)
     nfe = reward_evals = 0
     pred = None  # prediction at the current x, if already known
@@ -106,16 +124,8 @@ def code_sample(
         if pred is None:
             pred = denoiser(x, ts[start].expand(B).to(x.device), cond)
             nfe += 1
-        # Every candidate starts from x: its first prediction is the shared one.
-        xc, pc = x.repeat_interleave(N, 0), pred.repeat_interleave(N, 0)
-        for i in range(start, stop):
-            t = ts[i]
-            prev_t = ts[i + 1] if i + 1 < S else torch.tensor(-1)
-            if i > start:
-                pc = denoiser(xc, t.expand(B * N).to(x.device), cond_n)
-                nfe += N
-            noise = _candidate_noise(shape, generators, B, N, x)
-            xc = ddim_step(pc, t, xc, schedule, prev_t, config.eta, noise=noise).prev_sample
+        xc, block_nfe = _candidates(denoiser, x, pred, schedule, ts, range(start, stop), cond_n, config, generators)
+        nfe += block_nfe
         if N == 1:  # nothing to choose from: no scoring, so N = 1 is exactly plain sampling
             x, pred = xc, None
             choices.append(torch.zeros(B, dtype=torch.long))

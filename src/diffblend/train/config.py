@@ -95,13 +95,15 @@ class FinetuneConfig:
         need(0.0 < self.eta <= 1.0, "eta", "in (0, 1] (a deterministic step has no log-prob)")
         need(self.guidance_scale >= 0, "guidance_scale", ">= 0")
         need(0.0 < self.noise_level, "noise_level", "> 0 (the flow SDE; 0 is the deterministic ODE, without log-probs)")
-        need(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'")
         need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
         need(self.decode_chunk is None or (isinstance(self.decode_chunk, int) and self.decode_chunk >= 1),
              "decode_chunk", "an int >= 1 or None")
         need(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", "in (0, 1]")
         need(self.clip_range > 0, "clip_range", "> 0")
-        need(self.step_weighting in ("pred", "none"), "step_weighting", "'pred' or 'none'")
+        for f in fields(self):  # the fields declared with their choices (step_weighting, mixed_precision)
+            if "choices" in f.metadata:
+                need(getattr(self, f.name) in f.metadata["choices"], f.name,
+                     "one of " + ", ".join(map(repr, f.metadata["choices"])))
         need(self.adv_clip_max > 0, "adv_clip_max", "> 0")
         need(self.lr > 0, "lr", "> 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
