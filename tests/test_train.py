@@ -513,3 +513,15 @@ def test_accelerate_gradient_accumulation_is_refused(tmp_path):
                           process_index=0)
     with pytest.raises(ValueError, match="minibatch_size"):
         finetune(small_cfg(), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, accelerator=acc)
+
+
+def test_a_given_accelerator_with_another_mixed_precision_is_refused(tmp_path):
+    """A caller's accelerator runs its own precision: if it is not cfg.mixed_precision (which config.json
+    records), the trainer says so, naming both, before anything runs."""
+    from types import SimpleNamespace
+
+    acc = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="bf16", is_main_process=True,
+                          device=torch.device("cpu"), process_index=0)
+    with pytest.raises(ValueError, match=r"mixed_precision is 'bf16' but cfg.mixed_precision is 'no'"):
+        finetune(small_cfg(), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, accelerator=acc)
+    assert not (tmp_path / "config.json").exists()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .._fields import setting
 from ..core.sampling import Denoiser, NoiseSchedule, ddim_step
 from ._common import ScoreFn, identity
 
@@ -42,10 +43,11 @@ __all__ = ["RGGConfig", "RGGOutput", "rgg_sample", "tempering_scale"]
 class RGGConfig:
     """Settings of reward-gradient guidance."""
 
-    kl_coeff: float = 0.1  # alpha, KL weight of the target; guidance scales as 1 / alpha (reward units)
-    grad_norm: str | None = "rms"  # "rms": unit per-pixel RMS per sample; None: raw gradient
-    tempering_gamma: float | None = 0.024  # s_i = min((1+gamma)^i - 1, 1); None: s_i = 1
-    eta: float = 1.0  # DDIM eta; guidance needs noise (sigma_t > 0), so eta = 0 gives no guidance
+    kl_coeff: float = setting(0.1, "alpha, KL weight of the target; guidance scales as 1 / alpha (reward units)")
+    grad_norm: str | None = setting("rms", "gradient normalisation: rms (unit per-pixel RMS per sample) or none "
+                                           "(the raw gradient)", choices=("rms",))
+    tempering_gamma: float | None = setting(0.024, "tempering gamma: s_i = min((1+gamma)^i - 1, 1); none: s_i = 1")
+    eta: float = setting(1.0, "DDIM eta; guidance needs noise (sigma_t > 0), so eta = 0 gives no guidance")
 
     def __post_init__(self) -> None:
         if not self.kl_coeff > 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-METHOD_HELP = "base, mpa, ls, ls_stratified, ls_golden, soup, kla, rgg, code, morl"
+from ._options import Opt, add_config_options
+
+METHOD_HELP = "base, mpa, ls, ls_stratified, ls_golden, soup, kla, rgg, rgg_tuned (with --rgg-tuned-kl), code, morl"
 
 
 def _floats(text: str) -> list[float]:
@@ -47,21 +49,55 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="CFG scale (default 2)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta of every method (default 1)")
+    p.add_argument("--noise-level", type=float, default=None, metavar="A",
+                   help="flow-matching models (SD3, Flux): the flow SDE's noise level a >= 0 at eta 1 (the sampler's "
+                        "stochasticity is a * eta; 0: the ODE, where ls is a heuristic); default: the backend's "
+                        "(0.7, Flow-GRPO's). Refused for DDIM models (the toy, the digits model, SD 1.5, SDXL)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation call (default 8)")
-    p.add_argument("--code-candidates", type=int, default=20, help="CoDe N (default 20)")
-    p.add_argument("--code-block", type=int, default=5, help="CoDe block size B (default 5)")
-    p.add_argument("--rgg-kl", type=float, default=0.1, help="RGG KL weight alpha (default 0.1)")
-    p.add_argument("--rgg-gamma", type=float, default=0.024, help="RGG tempering gamma, 0 = none (default 0.024)")
-    p.add_argument("--rgg-norm", choices=["rms", "none"], default="rms", help="RGG gradient normalisation")
     p.add_argument("--rgg-non-differentiable", choices=["skip", "error"], default="skip",
                    help="RGG with a reward without gradient: guide with the other terms, or refuse")
     p.add_argument("--save-images", action="store_true", help="save every image as PNG next to the records")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_options=_method_options(p))
     return p
+
+
+def _method_options(p: argparse.ArgumentParser) -> tuple:
+    """The options of MethodOptions, CoDeConfig (--code-*) and RGGConfig (--rgg-*), from their fields.
+    The methods' own eta is MethodOptions.eta (--eta), so CoDeConfig's and RGGConfig's are not options."""
+    from ..baselines.code import CoDeConfig
+    from ..baselines.rgg import RGGConfig
+    from ..evaluate.methods import MethodOptions
+
+    every = add_config_options(p.add_argument_group("every method (MethodOptions)"), MethodOptions,
+                               skip=("rgg", "rgg_tuned", "code"))
+    code = add_config_options(p.add_argument_group("code: controlled decoding (CoDeConfig)"), CoDeConfig,
+                              skip=("eta",), opts={"num_candidates": Opt(flag="--code-candidates"),
+                                                   "block_size": Opt(flag="--code-block")})
+    rgg = add_config_options(
+        p.add_argument_group("rgg: reward-gradient guidance (RGGConfig)"), RGGConfig, skip=("eta",),
+        opts={"kl_coeff": Opt(flag="--rgg-kl"), "grad_norm": Opt(flag="--rgg-norm"),
+              "tempering_gamma": Opt(flag="--rgg-gamma", help="tempering gamma: s_i = min((1+gamma)^i - 1, 1); "
+                                                               "0 or none: s_i = 1")})
+    p.add_argument("--rgg-tuned-kl", type=float, default=None, metavar="ALPHA",
+                   help="kl_coeff of method rgg_tuned (RGG with another scale, the rest as --rgg-*); needed to run it")
+    return every, code, rgg
+
+
+def method_options(args: argparse.Namespace):
+    """The MethodOptions of the parsed options."""
+    from ..baselines.code import CoDeConfig
+    from ..baselines.rgg import RGGConfig
+    from ..evaluate.methods import MethodOptions
+
+    every, code, rgg = args.config_options
+    r = rgg.values(args)
+    r["tempering_gamma"] = r["tempering_gamma"] or None  # 0 = no tempering, as --rgg-gamma always took it
+    tuned = None if args.rgg_tuned_kl is None else RGGConfig(**{**r, "kl_coeff": args.rgg_tuned_kl})
+    return MethodOptions(**every.values(args), code=CoDeConfig(**code.values(args)), rgg=RGGConfig(**r),
+                         rgg_tuned=tuned)
 
 
 def _weight_vectors(text: str) -> list[dict[str, float]]:
@@ -75,6 +111,9 @@ def build_backend(args: argparse.Namespace):
     from pathlib import Path
 
     score = [s for s in args.score.split(",") if s.strip()]
+    if args.noise_level is not None and args.model in ("toy", "default"):
+        raise ValueError(f"--noise-level is the flow SDE's (SD3, Flux); --model {args.model} is sampled with DDIM: "
+                         f"set its stochasticity with --eta")
     if args.model == "toy":
         from ..evaluate.backends import ToyBackend
 
@@ -86,14 +125,9 @@ def build_backend(args: argparse.Namespace):
                                non_differentiable=args.rgg_non_differentiable, device=args.device,
                                calibration=args.calibration)
     from ..evaluate.pipelines import DiffusersBackend
-    from ..generation import load_pipeline
+    from ..generation import load_pipeline, parse_adapters
 
-    adapters = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter {item!r} is malformed; expected REWARD=PATH")
-        adapters[name.strip()] = Path(path)
+    adapters = {name: Path(path) for name, path in parse_adapters(args.adapter).items()}
     oracles = []
     for item in args.oracle:
         spec, sep, path = item.rpartition(":")
@@ -101,27 +135,34 @@ def build_backend(args: argparse.Namespace):
             raise ValueError(f"--oracle {item!r} is malformed; expected R1=W1,R2=W2:PATH")
         oracles.append((_weight_vectors(spec)[0], Path(path)))
     pipe = load_pipeline(args.model, device=args.device)
-    return DiffusersBackend(pipe, adapters, score or list(adapters), oracles=oracles, num_steps=args.steps,
-                            guidance_scale=args.guidance_scale, non_differentiable=args.rgg_non_differentiable,
-                            device=args.device, calibration=args.calibration)
+    noise = {} if args.noise_level is None else {"noise_level": args.noise_level}
+    backend = DiffusersBackend(pipe, adapters, score or list(adapters), oracles=oracles, num_steps=args.steps,
+                               guidance_scale=args.guidance_scale, non_differentiable=args.rgg_non_differentiable,
+                               device=args.device, calibration=args.calibration, **noise)
+    if noise and not backend.model.is_flow:
+        raise ValueError(f"--noise-level is the flow SDE's (SD3, Flux); {args.model!r} is a {backend.model.family} "
+                         f"model, sampled with DDIM: set its stochasticity with --eta")
+    return backend
 
 
 # The options that change what an image is, besides its setting (method, w, lambda), prompt and seed.
 RUN_SETTINGS = ("model", "adapter", "oracle", "score", "calibration", "steps", "guidance_scale", "eta", "code_candidates",
                 "code_block", "rgg_kl", "rgg_gamma", "rgg_norm", "rgg_non_differentiable")
+# Settings added later, recorded only when set (a records file written before them stays resumable at their
+# default): {option: its default}.
+LATER_SETTINGS = {"noise_level": None, "blend_seed": 0, "rgg_tuned_kl": None}
 
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The settings stored with every record (a rerun with other values is refused, see check_run_settings)."""
-    return {name: getattr(args, name) for name in RUN_SETTINGS}
+    out = {name: getattr(args, name) for name in RUN_SETTINGS}
+    out.update({k: getattr(args, k) for k, default in LATER_SETTINGS.items() if getattr(args, k) != default})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from ..baselines.code import CoDeConfig
-    from ..baselines.rgg import RGGConfig
-    from ..evaluate.methods import MethodOptions
     from ..evaluate.sweep import build_settings, merge_shards, pair_grid, run_sweep
     from ._util import check_device
 
@@ -150,10 +191,7 @@ def run(args: argparse.Namespace) -> int:
         grid = pair_grid(names, _floats(args.weights))
     kla_w = _weight_vectors(args.kla_weights) if args.kla_weights else None
     settings = build_settings(methods, grid, _floats(args.lambdas) if "kla" in methods else (), kla_w)
-    options = MethodOptions(
-        eta=args.eta, code=CoDeConfig(num_candidates=args.code_candidates, block_size=args.code_block),
-        rgg=RGGConfig(kl_coeff=args.rgg_kl, grad_norm=None if args.rgg_norm == "none" else "rms",
-                      tempering_gamma=args.rgg_gamma or None))
+    options = method_options(args)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     # cpu=True lets torchrun / accelerate launch start several CPU processes (gloo) when there is no GPU.
     state = PartialState(cpu=args.device == "cpu")

@@ -8,32 +8,37 @@
 Heavy modules (diffusers, matplotlib) are imported by the functions that need them.
 """
 
-from .analysis import cost_table, mean_ci, method_fronts, oracle_gain, summarize, weighted_reward
-from .hypervolume import hypervolume
-from .methods import Backend, GenResult, MethodOptions, Setting, generate, register_method, sample_seed
-from .pareto import pareto_front, pareto_mask
-from .records import RecordWriter, read_records, write_records
-from .sweep import build_settings, merge_shards, pair_grid, run_sweep
+from __future__ import annotations
 
-__all__ = [
-    "cost_table", "mean_ci", "method_fronts", "oracle_gain", "summarize", "weighted_reward", "hypervolume",
-    "Backend", "GenResult", "MethodOptions", "Setting", "generate", "register_method", "sample_seed",
-    "pareto_front", "pareto_mask", "RecordWriter", "read_records", "write_records", "build_settings",
-    "merge_shards", "pair_grid", "run_sweep", "write_report", "ToyBackend", "DiffusersBackend", "default_backend",
-]
+import importlib
+from typing import Any
+
+from .hypervolume import hypervolume  # eager: a lazy name equal to its module's would be shadowed by the module
+
+# name -> submodule, imported on first use (PEP 562): the command line imports ``evaluate.methods`` to build
+# the sweep's options without the analysis, records and sweep modules; backends and the report pull in
+# diffusers / matplotlib only when asked for.
+_WHERE = {
+    **dict.fromkeys(("cost_table", "mean_ci", "method_fronts", "oracle_gain", "summarize", "weighted_reward"),
+                    "analysis"),
+    **dict.fromkeys(("Backend", "GenResult", "MethodOptions", "Setting", "generate", "register_method",
+                     "sample_seed"), "methods"),
+    "pareto_front": "pareto", "pareto_mask": "pareto",
+    "RecordWriter": "records", "read_records": "records", "write_records": "records",
+    **dict.fromkeys(("build_settings", "merge_shards", "pair_grid", "run_sweep"), "sweep"),
+    "write_report": "report", "ToyBackend": "backends", "DiffusersBackend": "pipelines",
+    "default_backend": "pipelines",
+}
+__all__ = ["hypervolume", *_WHERE]
 
 
-def __getattr__(name):  # lazy: these pull in matplotlib / diffusers
-    if name == "write_report":
-        from .report import write_report
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return write_report
-    if name == "ToyBackend":
-        from .backends import ToyBackend
 
-        return ToyBackend
-    if name in ("DiffusersBackend", "default_backend"):
-        from . import pipelines
-
-        return getattr(pipelines, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -27,11 +27,12 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._fields import setting
 from ..baselines._common import ScoreFn
 from ..baselines.code import CoDeConfig, code_sample
 from ..baselines.rgg import RGGConfig, rgg_sample
@@ -91,6 +92,11 @@ class Backend:
         """Final samples -> images (B, C, H, W) in [0, 1] for saving; the toy has none."""
         return self.decode(x0)
 
+    def stochasticity(self, eta: float) -> float:
+        """The sampler's noise at the methods' ``eta``: eta itself for DDIM (a flow-matching backend:
+        its SDE's noise level times eta). 0 means a deterministic sampler."""
+        return eta
+
     def sample(self, denoiser: Denoiser, x: torch.Tensor, cond: Any, *, eta: float, generators: Any):
         """The reverse process from x: DDIM(eta) on ``schedule`` / ``timesteps`` (a flow-matching
         backend overrides it; see :class:`~.pipelines.DiffusersBackend`)."""
@@ -122,11 +128,12 @@ class Setting:
 class MethodOptions:
     """Settings shared by every method of a sweep."""
 
-    eta: float = 1.0  # DDIM eta of every method (1: the stochastic sampler LS needs)
-    rgg: RGGConfig = field(default_factory=RGGConfig)  # reward-gradient guidance settings (the authors')
-    rgg_tuned: RGGConfig | None = None  # method "rgg_tuned": RGG with a scale chosen on held-out prompts
-    code: CoDeConfig = field(default_factory=CoDeConfig)  # controlled decoding settings
-    blend_seed: int = 0  # seed of the LS adapter draws
+    eta: float = setting(1.0, "DDIM eta of every method (1: the stochastic sampler LS needs; flow-matching models: "
+                              "the SDE at noise level * eta)")
+    rgg: RGGConfig = setting(default_factory=RGGConfig, help="reward-gradient guidance settings (its eta: this eta)")
+    rgg_tuned: RGGConfig | None = setting(None, "method 'rgg_tuned': RGG with a scale chosen on held-out prompts")
+    code: CoDeConfig = setting(default_factory=CoDeConfig, help="controlled decoding settings (its eta: this eta)")
+    blend_seed: int = setting(0, "seed of the LS adapter draws (with the per-image keys)")
 
 
 @dataclass
@@ -171,9 +178,10 @@ def _gen_base(backend, setting, prompts, seeds, options):
 def _gen_blend(method: str, ls_draws: str = "iid") -> Callable:
     def gen(backend, setting, prompts, seeds, options):
         blend = _blend(setting, method, options, prompts, seeds, ls_draws, backend.timesteps)
-        if method == "ls" and options.eta == 0:
+        if method == "ls" and backend.stochasticity(options.eta) == 0:
             warnings.warn("method 'ls' is exact in distribution only with a stochastic sampler (Prop. 2: DDIM "
-                          "eta > 0); with eta = 0 it is a randomised heuristic", stacklevel=2)
+                          "eta > 0, or the flow SDE's noise level > 0); without sampler noise it is a randomised "
+                          "heuristic", stacklevel=2)
         per_step = len(blend.active()) if method == "mpa" else 1
         return _plain(backend, setting, prompts, seeds, options, backend.denoiser(blend), per_step)
 

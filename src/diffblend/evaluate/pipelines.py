@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..core.blend import Blend
+from ..core.flow import _check_noise_level
 from ..core.sampling import SampleOutput
 from ..model import DiffusionModel
 from .methods import Backend
@@ -65,6 +66,8 @@ class DiffusersBackend(Backend):
         non_differentiable: what RGG does with a reward that has no gradient: "error" (refuse) or
             "skip" (guide with the differentiable terms of r(w) only; say so in any report).
         mode: the blending layer's execution mode ("auto", "batched", "sequential").
+        noise_level: flow-matching models: the flow SDE's noise level a >= 0 at eta 1 (Flow-GRPO's
+            0.7; the sampler runs at a * eta, 0 is the ODE); DDIM models ignore it.
     """
 
     def __init__(self, pipe: Any, adapters: Mapping[str, str | Path] | None = None,
@@ -107,7 +110,7 @@ class DiffusersBackend(Backend):
         self.timesteps = self.model.timesteps(num_steps)  # what the network sees (flow: sigma * 1000)
         self.schedule = self.model.schedule  # None for flow matching
         self.sample_shape = self.model.latent_shape
-        self.noise_level = float(noise_level)
+        self.noise_level = _check_noise_level(noise_level)
         self._grad_ok: dict[str, bool] = {}
 
     # -- conditioning and models ------------------------------------------------------------------
@@ -124,11 +127,14 @@ class DiffusersBackend(Backend):
         inner = self.bp.denoiser(blend, groups=2 if self._cfg else 1, prepare=self.model.prepare)
         return self.model.guide(inner, self.guidance_scale if self._cfg else 1.0)
 
+    def stochasticity(self, eta: float) -> float:
+        """DDIM's eta, or the flow SDE's noise level ``noise_level * eta`` (0: the flow ODE)."""
+        return self.noise_level * eta if self.model.is_flow else eta
+
     def sample(self, denoiser, x: torch.Tensor, cond, *, eta: float, generators) -> SampleOutput:
-        """The model's sampler on this backend's grid: DDIM(eta), or the flow SDE with noise level
-        ``noise_level * eta`` (eta = 0: the flow ODE)."""
-        stoch = self.noise_level * eta if self.model.is_flow else eta
-        return self.model.sample(denoiser, x, self._grid, cond, stoch, generators=generators)
+        """The model's sampler on this backend's grid: DDIM(eta), or the flow SDE at
+        :meth:`stochasticity` (eta)."""
+        return self.model.sample(denoiser, x, self._grid, cond, self.stochasticity(eta), generators=generators)
 
     def oracle_name(self, weights: Mapping[str, float]) -> str | None:
         """The adapter that serves as the MORL oracle at w, or None."""

@@ -188,6 +188,89 @@ def _save_png(images: torch.Tensor, path: Path) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
+def _todo(settings: Sequence[Setting], pairs: list[tuple[str, int]], done: set, batch_size: int,
+          stats: SweepStats) -> list[tuple[Setting, list[tuple[str, int]]]]:
+    """(setting, batch of (prompt, seed)) still to generate, in order; counts the skipped images."""
+    work = []
+    for st in settings:
+        skey = setting_key(st.method, st.weights_dict, st.lam)
+        todo = [(p, s) for p, s in pairs if (skey, p, s) not in done]
+        stats.skipped += len(pairs) - len(todo)
+        work.extend((st, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size))
+    return work
+
+
+def _records_done(records_path: Path, num_processes: int, run_settings: Mapping | None) -> set:
+    """The keys already recorded, after folding in a killed parallel run's shards (one process) and
+    checking that the recorded settings are this run's."""
+    if num_processes == 1 and _shards(records_path):
+        # Shards of a parallel run killed before its merge: their records count as done below, so
+        # fold them into the records file now (no other process writes them), or they would be lost.
+        merge_shards(records_path)
+    recorded = _recorded(records_path)  # read once: checked against this run's settings, then skipped
+    _check_settings(recorded, run_settings, records_path)
+    return {record_key(r) for _, r in recorded}
+
+
+@dataclass
+class _Sink:
+    """Where a sweep's records go: the file this process writes, the records file (image paths are
+    relative to its folder), the images folder (None: no PNGs) and the run settings stored in each."""
+
+    out_path: Path
+    records_path: Path
+    images_dir: Path | None
+    run_settings: dict | None
+
+    @classmethod
+    def make(cls, records_path: Path, process_index: int, num_processes: int, images_dir, run_settings) -> _Sink:
+        """This process's sink (its shard file under several processes); creates the images folder."""
+        out_path = records_path if num_processes == 1 else shard_path(records_path, process_index)
+        if images_dir is not None:
+            images_dir = Path(images_dir)
+            images_dir.mkdir(parents=True, exist_ok=True)
+        return cls(out_path, records_path, images_dir, _canonical(run_settings))
+
+
+def _batch_records(backend: Backend, st: Setting, batch: list[tuple[str, int]], options: MethodOptions,
+                   sink: _Sink, writer: RecordWriter) -> list[dict]:
+    """Generate, score and write one batch of one setting (images saved when asked); its records."""
+    ps, ss = [p for p, _ in batch], [s for _, s in batch]
+    t0 = time.perf_counter()
+    res: GenResult = generate(backend, st, ps, ss, options)
+    seconds = (time.perf_counter() - t0) / len(batch)
+    images = backend.to_images(res.x0)
+    with torch.no_grad():
+        scores = backend.score(images if images is not None else res.x0, ps)
+    recs = []
+    for j, (p, s) in enumerate(batch):
+        rec = {"method": st.method, "weights": st.weights_dict, "lambda": st.lam, "prompt": p, "seed": s,
+               "rewards": {k: float(v[j]) for k, v in scores.items()},
+               "seconds": seconds, "nfe": float(res.nfe)}
+        if sink.run_settings is not None:
+            rec["run"] = sink.run_settings
+        if sink.images_dir is not None and images is not None:
+            name = _image_name(record_key(rec))
+            _save_png(images[j], sink.images_dir / name)
+            rec["image"] = os.path.relpath(sink.images_dir / name, sink.records_path.parent)
+        writer.write(rec)
+        recs.append(rec)
+    return recs
+
+
+def _write_work(backend: Backend, work: list, options: MethodOptions, sink: _Sink, bar, stats: SweepStats,
+                on_batch: Callable[[Setting, list[dict]], None] | None) -> None:
+    """Every batch of ``work``, its records appended to ``sink.out_path`` as soon as it is scored."""
+    with RecordWriter(sink.out_path) as writer:
+        for st, batch in work:
+            bar.set_postfix_str(setting_key(st.method, st.weights_dict, st.lam)[:40])
+            recs = _batch_records(backend, st, batch, options, sink, writer)
+            stats.generated += len(batch)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(st, recs)
+
+
 def run_sweep(
     backend: Backend,
     settings: Sequence[Setting],
@@ -232,58 +315,17 @@ def run_sweep(
     if not prompts or not seeds:
         raise ValueError("a sweep needs at least one prompt and one seed")
     records_path = Path(records_path)
-    out_path = records_path if num_processes == 1 else shard_path(records_path, process_index)
-    if num_processes == 1 and _shards(records_path):
-        # Shards of a parallel run killed before its merge: their records count as done below, so
-        # fold them into the records file now (no other process writes them), or they would be lost.
-        merge_shards(records_path)
-    recorded = _recorded(records_path)  # read once: checked against this run's settings, then skipped
-    _check_settings(recorded, run_settings, records_path)
-    run_settings = _canonical(run_settings)
-    done = {record_key(r) for _, r in recorded}
+    done = _records_done(records_path, num_processes, run_settings)
     mine = list(settings)[process_index::num_processes]
     # dict.fromkeys: a prompt or seed listed twice is one image (one record), not a duplicate.
     pairs = list(dict.fromkeys((str(p), int(s)) for p in prompts for s in seeds))
-    work = []
     stats = SweepStats(settings=len(mine))
-    for st in mine:
-        skey = setting_key(st.method, st.weights_dict, st.lam)
-        todo = [(p, s) for p, s in pairs if (skey, p, s) not in done]
-        stats.skipped += len(pairs) - len(todo)
-        work.extend((st, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size))
-    if images_dir is not None:
-        images_dir = Path(images_dir)
-        images_dir.mkdir(parents=True, exist_ok=True)
+    work = _todo(mine, pairs, done, batch_size, stats)
+    sink = _Sink.make(records_path, process_index, num_processes, images_dir, run_settings)
     if warmup and work:
         generate(backend, Setting.make("base"), [pairs[0][0]], [pairs[0][1]], options)
     bar = tqdm(total=sum(len(b) for _, b in work), disable=not progress, desc=f"sweep[{process_index}]",
                unit="img", dynamic_ncols=True)
-    with RecordWriter(out_path) as writer:
-        for st, batch in work:
-            bar.set_postfix_str(setting_key(st.method, st.weights_dict, st.lam)[:40])
-            ps, ss = [p for p, _ in batch], [s for _, s in batch]
-            t0 = time.perf_counter()
-            res: GenResult = generate(backend, st, ps, ss, options)
-            seconds = (time.perf_counter() - t0) / len(batch)
-            images = backend.to_images(res.x0)
-            with torch.no_grad():
-                scores = backend.score(images if images is not None else res.x0, ps)
-            recs = []
-            for j, (p, s) in enumerate(batch):
-                rec = {"method": st.method, "weights": st.weights_dict, "lambda": st.lam, "prompt": p, "seed": s,
-                       "rewards": {k: float(v[j]) for k, v in scores.items()},
-                       "seconds": seconds, "nfe": float(res.nfe)}
-                if run_settings is not None:
-                    rec["run"] = run_settings
-                if images_dir is not None and images is not None:
-                    name = _image_name(record_key(rec))
-                    _save_png(images[j], images_dir / name)
-                    rec["image"] = os.path.relpath(images_dir / name, records_path.parent)
-                writer.write(rec)
-                recs.append(rec)
-            stats.generated += len(batch)
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch(st, recs)
+    _write_work(backend, work, options, sink, bar, stats, on_batch)
     bar.close()
     return stats

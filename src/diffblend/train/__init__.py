@@ -11,14 +11,31 @@ Public API:
 Heavy imports (diffusers, peft, accelerate) happen inside the functions that need them.
 """
 
-from .config import DIGIT_PROMPTS, FinetuneConfig
-from .lora import LORA_TARGETS, add_lora, base_model, load_lora_file, lora_state_dict, save_lora, set_lora_state_dict
-from .policy import DiffusionPolicy, unet_denoiser
-from .reward import parse_reward_spec, resolve_reward
-from .trainer import FinetuneResult, finetune, load_policy
+from __future__ import annotations
 
-__all__ = [
-    "DIGIT_PROMPTS", "FinetuneConfig", "LORA_TARGETS", "add_lora", "base_model", "load_lora_file",
-    "lora_state_dict", "save_lora", "set_lora_state_dict", "DiffusionPolicy", "unet_denoiser",
-    "parse_reward_spec", "resolve_reward", "FinetuneResult", "finetune", "load_policy",
-]
+import importlib
+from typing import Any
+
+# name -> submodule: imported on first use (PEP 562), so ``diffblend.train.config`` (the command line
+# builds its options from it) does not pull in the trainer, peft helpers and rewards.
+_WHERE = {
+    "DIGIT_PROMPTS": "config", "FinetuneConfig": "config",
+    "LORA_TARGETS": "lora", "add_lora": "lora", "base_model": "lora", "load_lora_file": "lora",
+    "lora_state_dict": "lora", "save_lora": "lora", "set_lora_state_dict": "lora",
+    "DiffusionPolicy": "policy", "unet_denoiser": "policy",
+    "parse_reward_spec": "reward", "resolve_reward": "reward",
+    "FinetuneResult": "trainer", "finetune": "trainer", "load_policy": "trainer",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

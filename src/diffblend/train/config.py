@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .._fields import setting
 from .._io import atomic_write_text
 
 __all__ = ["FinetuneConfig", "DIGIT_PROMPTS"]
@@ -22,42 +23,53 @@ class FinetuneConfig:
     """
 
     # -- what to train ------------------------------------------------------------------------
-    reward: str = "jpeg_compressibility"  # reward name, or NAME=W,NAME=W (w >= 0, sum 1) for a MORL oracle
-    kl: float = 1.0  # alpha, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step (per reward unit)
-    model: str | None = None  # diffusers pipeline folder; None = the embedded digits model
-    prompts: tuple[str, ...] = DIGIT_PROMPTS  # prompts drawn uniformly for the rollouts
-    calibration: str | None = None  # a reward calibration manifest: train on (r - mean) / std of base images
-    monitor: tuple[str, ...] = ()  # rewards only logged on the rollouts (e.g. legibility, to see reward hacking)
+    reward: str = setting("jpeg_compressibility", "reward name (jpeg_compressibility, legibility, boldness, ...), "
+                          "or NAME=W,NAME=W (w >= 0, sum 1) for a MORL oracle")
+    kl: float = setting(1.0, "alpha >= 0, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step "
+                             "(per reward unit)")
+    model: str | None = setting(None, "a diffusers pipeline folder; none = the embedded digits model")
+    prompts: tuple[str, ...] = setting(DIGIT_PROMPTS, "prompts drawn uniformly for the rollouts")
+    calibration: str | None = setting(None, "a reward calibration manifest (diffblend calibrate): train on each "
+                                            "reward standardised against the base model's images, (r - mean) / std, "
+                                            "so the weights of NAME=W,... mean the same on every reward")
+    monitor: tuple[str, ...] = setting((), "rewards only logged on the rollouts (e.g. legibility, to see reward "
+                                           "hacking)")
     # -- adapter --------------------------------------------------------------------------------
-    rank: int = 4  # LoRA rank r
-    lora_alpha: float | None = None  # peft lora_alpha (adapter scale lora_alpha / r); None = r
+    rank: int = setting(4, "LoRA rank r")
+    lora_alpha: float | None = setting(None, "peft lora_alpha (adapter scale lora_alpha / r); none = r")
     # -- rollouts -------------------------------------------------------------------------------
-    epochs: int = 30  # number of rollout + update rounds
-    prompts_per_epoch: int = 4  # distinct prompt draws per epoch and process
-    samples_per_prompt: int = 4  # images per prompt (the group of the per-prompt advantage), >= 2
-    num_steps: int = 20  # DDIM steps per rollout
-    eta: float = 1.0  # DDIM eta (1 = stochastic, needed for log-probs of every step)
-    noise_level: float = 0.7  # flow-matching models (SD3): the SDE's noise level a > 0 (Flow-GRPO: 0.7); eta is DDIM's
-    guidance_scale: float = 2.0  # CFG scale of the rollouts, as at inference (1 = none; 2 = the digits default)
+    epochs: int = setting(30, "number of rollout + update rounds")
+    prompts_per_epoch: int = setting(4, "distinct prompt draws per epoch and process")
+    samples_per_prompt: int = setting(4, "images per prompt (the group of the per-prompt advantage), >= 2")
+    num_steps: int = setting(20, "sampling steps per rollout (DDIM, or the flow SDE)")
+    eta: float = setting(1.0, "DDIM eta in (0, 1] (1 = stochastic; every step needs a log-prob)")
+    noise_level: float = setting(0.7, "flow-matching models (SD3, Flux): the SDE's noise level a > 0 (Flow-GRPO: "
+                                      "0.7); eta is DDIM's")
+    guidance_scale: float = setting(2.0, "CFG scale of the rollouts, as at inference (1 = none; 2 = the digits "
+                                         "default)")
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
-    inner_epochs: int = 1  # passes over each epoch's rollouts
-    minibatch_size: int = 16  # trajectories per optimizer step (16 = the whole epoch's batch: one step per epoch)
-    timestep_fraction: float = 1.0  # fraction of the num_steps transitions trained per trajectory, (0, 1]
-    clip_range: float = 1e-4  # PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)
-    step_weighting: str = "pred"  # "pred": scale step t's PG loss by sigma_t / |d mean / d pred| (prediction units); "none": plain DDPO
-    adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max], in reward std units
-    lr: float = 1e-2  # AdamW learning rate (the digits model's adapters; SD-size models want 1e-4 or less)
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    max_grad_norm: float = 1.0  # gradient clipping (L2 norm over the LoRA parameters)
+    inner_epochs: int = setting(1, "passes over each epoch's rollouts")
+    minibatch_size: int = setting(16, "trajectories per optimizer step (16 = the whole epoch's batch at the "
+                                      "default sizes: one step per epoch)")
+    timestep_fraction: float = setting(1.0, "fraction of the num_steps transitions trained per trajectory, (0, 1]")
+    clip_range: float = setting(1e-4, "PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)")
+    step_weighting: str = setting("pred", "pred: scale step t's policy-gradient loss by sigma_t / |d mean / d pred| "
+                                          "(prediction units); none: plain DDPO", choices=("pred", "none"))
+    adv_clip_max: float = setting(5.0, "advantages clipped to [-adv_clip_max, adv_clip_max], in reward std units")
+    lr: float = setting(1e-2, "AdamW learning rate (the digits model's adapters; SD-size models want 1e-4 or less)")
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay")
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas (beta1, beta2)")
+    max_grad_norm: float = setting(1.0, "gradient clipping (L2 norm over the LoRA parameters)")
     # -- bookkeeping ----------------------------------------------------------------------------
-    seed: int = 0  # seeds the adapter init, the rollout noise (per epoch, process, sample) and the shuffles
-    checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    mixed_precision: str = "no"  # accelerate's autocast: "no", "bf16" or "fp16" (the LoRA weights stay float32)
-    gradient_checkpointing: bool = False  # the network's enable_gradient_checkpointing() (memory for compute)
-    decode_chunk: int | None = None  # decode this many latents at a time (None: the whole batch)
-    extra: dict = field(default_factory=dict)  # free-form notes recorded with the run (not used by training)
+    seed: int = setting(0, "seeds the adapter init, the rollout noise (per epoch, process, sample) and the shuffles")
+    checkpoint_every: int = setting(5, "epochs between checkpoints (the last epoch is always saved)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk")
+    mixed_precision: str = setting("no", "accelerate's autocast of the updates (the LoRA weights stay float32)",
+                                   choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = setting(False, "recompute the network's activations in the backward pass "
+                                                  "(enable_gradient_checkpointing: memory for compute)")
+    decode_chunk: int | None = setting(None, "decode this many latents at a time (none: the whole batch)")
+    extra: dict = setting(default_factory=dict, help="free-form notes recorded with the run (not used by training)")
 
     def __post_init__(self) -> None:
         self.prompts = tuple(str(p) for p in self.prompts)
@@ -83,13 +95,15 @@ class FinetuneConfig:
         need(0.0 < self.eta <= 1.0, "eta", "in (0, 1] (a deterministic step has no log-prob)")
         need(self.guidance_scale >= 0, "guidance_scale", ">= 0")
         need(0.0 < self.noise_level, "noise_level", "> 0 (the flow SDE; 0 is the deterministic ODE, without log-probs)")
-        need(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'")
         need(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "True or False")
         need(self.decode_chunk is None or (isinstance(self.decode_chunk, int) and self.decode_chunk >= 1),
              "decode_chunk", "an int >= 1 or None")
         need(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", "in (0, 1]")
         need(self.clip_range > 0, "clip_range", "> 0")
-        need(self.step_weighting in ("pred", "none"), "step_weighting", "'pred' or 'none'")
+        for f in fields(self):  # the fields declared with their choices (step_weighting, mixed_precision)
+            if "choices" in f.metadata:
+                need(getattr(self, f.name) in f.metadata["choices"], f.name,
+                     "one of " + ", ".join(map(repr, f.metadata["choices"])))
         need(self.adv_clip_max > 0, "adv_clip_max", "> 0")
         need(self.lr > 0, "lr", "> 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")

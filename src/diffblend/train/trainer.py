@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,12 +144,12 @@ def _with_adapter(cfg: FinetuneConfig, policy: DiffusionPolicy, acc, state: dict
     return unet, params, opt, train_gen
 
 
-def _scored_rollout(cfg: FinetuneConfig, policy: DiffusionPolicy, model, acc, reward_fn, monitors, epoch: int,
-                    g_kw: dict):
+def _scored_rollout(run: _Run, reward_fn, monitors: dict, epoch: int):
     """This process's rollouts of the epoch and their rewards (gathered over processes, checked finite)."""
+    cfg, acc = run.cfg, run.acc
     prompts = _draw_prompts(cfg, epoch, acc.process_index)
     gens = sample_generators(cfg.seed, epoch, acc.process_index, len(prompts))
-    ro = rollout(model, policy, prompts, gens, num_steps=cfg.num_steps, **g_kw)
+    ro = rollout(run.plain_model, run.policy, prompts, gens, num_steps=cfg.num_steps, **run.g_kw)
     # rewards (the advantages are per prompt)
     with torch.no_grad():
         rewards, info = reward_fn(ro.images, prompts, {"epoch": epoch})
@@ -174,18 +175,6 @@ def _metrics_row(epoch: int, all_rewards, rewards, stats: dict, info, acc, t0: f
     return row
 
 
-def _accelerator(cfg: FinetuneConfig, accelerator=None):
-    """The given accelerator, or one on the GPU if any (cfg.mixed_precision); gradient accumulation refused."""
-    from accelerate import Accelerator
-
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
-    if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
-        raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
-                         f"by this trainer; set the trajectories per optimizer step with minibatch_size "
-                         f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
-    return acc
-
-
 def _record(cfg: FinetuneConfig, run_dir: Path, row: dict, done: int, end_epoch: int, unet, opt, gen) -> None:
     """Append the metrics row; checkpoint (LoRA, optimizer, the shuffles' RNG, config) every
     cfg.checkpoint_every epochs and at the end."""
@@ -196,6 +185,78 @@ def _record(cfg: FinetuneConfig, run_dir: Path, row: dict, done: int, end_epoch:
         save_checkpoint(ckpt_dir, done, {"lora": lora_state_dict(unet), "optimizer": opt.state_dict(),
                                          "rng": gen.get_state(), "config": cfg.to_dict()})
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+
+
+def _accelerator(cfg: FinetuneConfig, accelerator=None):
+    """The given accelerator, or one on the GPU if any (cfg.mixed_precision).
+
+    Raises:
+        ValueError: if accelerate's gradient accumulation is set (the trainer does not use it), or if
+            a given accelerator's mixed precision is not ``cfg.mixed_precision`` (the run's config.json
+            would record a precision the run did not use).
+    """
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
+        raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
+                         f"by this trainer; set the trajectories per optimizer step with minibatch_size "
+                         f"(--minibatch-size) and launch with gradient_accumulation_steps = 1")
+    precision = str(getattr(acc, "mixed_precision", "no"))
+    if precision != cfg.mixed_precision:
+        raise ValueError(f"the accelerator's mixed_precision is {precision!r} but cfg.mixed_precision is "
+                         f"{cfg.mixed_precision!r}; make them agree (e.g. FinetuneConfig(mixed_precision="
+                         f"{precision!r}), or launch accelerate with --mixed_precision {cfg.mixed_precision})")
+    return acc
+
+
+@dataclass
+class _Run:
+    """What a fine-tuning run holds from its start to its end (built by :func:`_start`)."""
+
+    cfg: FinetuneConfig
+    policy: DiffusionPolicy
+    acc: Any  # accelerate.Accelerator
+    unet: torch.nn.Module  # the network with its LoRA adapter
+    ddp_unet: torch.nn.Module  # the same network as accelerate prepared it (DDP under several processes)
+    opt: Any  # AdamW over the LoRA parameters, prepared by accelerate
+    params: list  # the LoRA parameters (gradient clipping)
+    gen: torch.Generator  # the shuffles and timestep subsets (checkpointed)
+    g_kw: dict  # the step's stochasticity, the guidance scale and the unconditional conditioning
+    n_train: int  # transitions trained per trajectory
+
+    @property
+    def plain_model(self):
+        """The network's denoiser without the DDP wrapper: no-grad rollouts and the base."""
+        return self.policy.denoiser(self.unet)
+
+    @property
+    def train_model(self):
+        """The network's denoiser through the DDP wrapper: the updates (gradients all-reduced)."""
+        return self.policy.denoiser(self.ddp_unet)
+
+
+def _start(cfg: FinetuneConfig, policy: DiffusionPolicy, acc, state: dict | None) -> _Run:
+    """The run's state: the adapter on the network, the optimizer, both prepared by accelerate."""
+    unet, params, opt, train_gen = _with_adapter(cfg, policy, acc, state)
+    ddp_unet, opt = acc.prepare(unet, opt)
+    uncond = map_cond(policy.uncond(), lambda v: v.to(acc.device)) if cfg.guidance_scale != 1.0 else None
+    # the step's stochasticity: DDIM's eta, or the flow SDE's noise level for flow-matching models
+    g_kw = dict(eta=cfg.noise_level if policy.is_flow else cfg.eta, guidance_scale=cfg.guidance_scale,
+                uncond=uncond)
+    return _Run(cfg, policy, acc, unet, ddp_unet, opt, params, train_gen, g_kw,
+                n_train=max(1, int(round(cfg.timestep_fraction * cfg.num_steps))))
+
+
+def _prepare_run_dir(cfg: FinetuneConfig, run_dir: Path, output, resume: bool) -> tuple[int, dict | None, Path]:
+    """(first epoch, checkpoint state or None, adapter path), every check done before any model loads."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run dir {str(run_dir)!r} is a file, not a folder; choose a folder for the run")
+    start_epoch, state = _resume_state(cfg, run_dir, run_dir / "checkpoints", resume)
+    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
+    if out.suffix != ".safetensors":  # before any training: save_lora would refuse it at the very end
+        raise ValueError(f"the adapter path must end in .safetensors, got {str(out)!r}")
+    return start_epoch, state, out
 
 
 def finetune(
@@ -220,116 +281,123 @@ def finetune(
         resume: continue from the newest checkpoint in ``run_dir`` (the config must match, except
             ``epochs``, which may grow). Without it, a run dir with checkpoints is refused.
         output: path of the final adapter (.safetensors); default ``run_dir/adapter.safetensors``.
+        accelerator: an ``accelerate.Accelerator`` to run under (default: one made for
+            ``cfg.mixed_precision``); its mixed precision must be ``cfg.mixed_precision``.
         stop_after: stop after this many epochs of this call (for tests of a killed run).
 
     Returns:
         :class:`FinetuneResult`.
     """
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     acc = _accelerator(cfg, accelerator)
-    main = acc.is_main_process
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run dir {str(run_dir)!r} is a file, not a folder; choose a folder for the run")
-    start_epoch, state = _resume_state(cfg, run_dir, ckpt_dir, resume)
-    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
-    if out.suffix != ".safetensors":  # before any training: save_lora would refuse it at the very end
-        raise ValueError(f"the adapter path must end in .safetensors, got {str(out)!r}")
+    start_epoch, state, out = _prepare_run_dir(cfg, run_dir, output, resume)
     # before the model: fail fast on a bad name
     reward_fn = reward_fn or resolve_reward(cfg.reward, device=acc.device, calibration=cfg.calibration)
     monitors = {m: resolve_reward(m, device=acc.device) for m in cfg.monitor}
     policy = policy or load_policy(cfg.model, acc.device, cfg.decode_chunk)
-    unet, params, opt, train_gen = _with_adapter(cfg, policy, acc, state)
-    ddp_unet, opt = acc.prepare(unet, opt)
-
-    if main:
+    run = _start(cfg, policy, acc, state)
+    if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
         _write_jsonl_prefix(run_dir / "metrics.jsonl", start_epoch)
-
-    plain_model = policy.denoiser(unet)  # no-grad rollouts and the base (the DDP wrapper only trains)
-    uncond = map_cond(policy.uncond(), lambda v: v.to(acc.device)) if cfg.guidance_scale != 1.0 else None
-    n_train = max(1, int(round(cfg.timestep_fraction * cfg.num_steps)))
-    # the step's stochasticity: DDIM's eta, or the flow SDE's noise level for flow-matching models
-    g_kw = dict(eta=cfg.noise_level if policy.is_flow else cfg.eta, guidance_scale=cfg.guidance_scale,
-                uncond=uncond)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"finetune {cfg.reward}",
-               disable=not (progress and main), dynamic_ncols=True)
-    rows: list[dict] = []
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        # 1. rollouts with the current policy (stochastic steps: every transition has a log-prob), rewards
-        unet.eval()
-        prompts, ro, rewards, all_rewards, info = _scored_rollout(cfg, policy, plain_model, acc, reward_fn,
-                                                                 monitors, epoch, g_kw)
-        adv = per_prompt_advantages(rewards, prompts).to(acc.device)
-        # 2. policy updates on the stored transitions
-        unet.train()
-        stats = _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, train_gen, n_train, g_kw)
-        # 3. log, checkpoint
-        row = _metrics_row(epoch, all_rewards, rewards, stats, info, acc, t0)
-        rows.append(row)
-        if main:
-            _record(cfg, run_dir, row, epoch + 1, end_epoch, unet, opt, train_gen)
-        acc.wait_for_everyone()
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
-    bar.close()
-
-    if main and end_epoch == cfg.epochs:
-        save_lora(unet, out, pipeline_class=policy.pipeline_class, component=policy.component)
+    rows = _train(run, run_dir, reward_fn, monitors, range(start_epoch, end_epoch), progress)
+    if acc.is_main_process and end_epoch == cfg.epochs:
+        save_lora(run.unet, out, pipeline_class=policy.pipeline_class, component=policy.component)
     acc.wait_for_everyone()
     return FinetuneResult(adapter=out, epochs=end_epoch, metrics=rows)
 
 
-def _update(cfg, policy, ddp_unet, unet, acc, opt, params, ro, adv, gen, n_train, g_kw) -> dict:
-    """One epoch of updates: inner_epochs passes of minibatches; per minibatch, the loss summed over
-    ``n_train`` random transitions of each trajectory, one AdamW step with gradient clipping.
+def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, progress: bool) -> list[dict]:
+    """The epochs of this call; returns their metrics rows (the main process also records them)."""
+    from tqdm.auto import tqdm
+
+    cfg, acc = run.cfg, run.acc
+    bar = tqdm(total=cfg.epochs, initial=epochs.start, desc=f"finetune {cfg.reward}",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    rows: list[dict] = []
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        # 1. rollouts with the current policy (stochastic steps: every transition has a log-prob), rewards
+        run.unet.eval()
+        prompts, ro, rewards, all_rewards, info = _scored_rollout(run, reward_fn, monitors, epoch)
+        adv = per_prompt_advantages(rewards, prompts).to(acc.device)
+        # 2. policy updates on the stored transitions
+        run.unet.train()
+        stats = _update(run, ro, adv)
+        # 3. log, checkpoint
+        row = _metrics_row(epoch, all_rewards, rewards, stats, info, acc, t0)
+        rows.append(row)
+        if acc.is_main_process:
+            _record(cfg, run_dir, row, epoch + 1, epochs.stop, run.unet, run.opt, run.gen)
+        acc.wait_for_everyone()
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
+    bar.close()
+    return rows
+
+
+class _Means:
+    """Running means of the update's statistics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+def _update(run: _Run, ro, adv: torch.Tensor) -> dict:
+    """One epoch of updates on the rollouts ``ro`` with advantages ``adv``: cfg.inner_epochs passes of
+    minibatches; per minibatch, the loss summed over ``run.n_train`` random transitions of each
+    trajectory, one AdamW step with gradient clipping.
 
     Returns the epoch's means: loss, pg (policy-gradient part), kl_eps (sum_d (eps_theta - eps_pre)^2
     per step), kl (the path KL estimate sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) in nats per
     trajectory), clipfrac, approx_kl, grad_norm.
     """
+    cfg, policy = run.cfg, run.policy
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
-    ts, prev_ts = zip(*policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
-    weights = [step_weight(policy, ts[i], prev_ts[i], g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
-               for i in range(N)]
-    train_model, plain_model = policy.denoiser(ddp_unet), policy.denoiser(unet)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-
-    def add(k: str, v: float) -> None:
-        sums[k] = sums.get(k, 0.0) + float(v)
-        counts[k] = counts.get(k, 0) + 1
-
+    pairs = list(policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
+    weights = [step_weight(policy, t, prev_t, run.g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
+               for t, prev_t in pairs]
+    means = _Means()
     for _ in range(cfg.inner_epochs):
-        perm = torch.randperm(B, generator=gen)
+        perm = torch.randperm(B, generator=run.gen)
         for start in range(0, B, cfg.minibatch_size):
             rows = perm[start:start + cfg.minibatch_size].to(ro.latents.device)
-            steps = torch.randperm(N, generator=gen)[:n_train].tolist()
+            steps = torch.randperm(N, generator=run.gen)[:run.n_train].tolist()
             for k, i in enumerate(steps):
-                t, prev_t = ts[i], prev_ts[i]
-                x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
-                cond = map_cond(ro.cond, lambda v: v[rows])
-                with torch.no_grad(), base_model(unet):
-                    pre, eps_pre = evaluate_transition(plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
                 # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
-                sync = contextlib.nullcontext() if k == len(steps) - 1 else acc.no_sync(ddp_unet)
-                with sync:
-                    cur, eps = evaluate_transition(train_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
-                    pg, st = ppo_loss(cur.log_prob, ro.log_probs[i][rows], adv[rows], cfg.clip_range,
-                                      cfg.adv_clip_max, weights[i])
-                    kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
-                    loss = pg + cfg.kl * kl_eps
-                    acc.backward(loss / len(steps))
-                add("loss", loss.item()); add("pg", pg.item()); add("kl_eps", kl_eps.item())  # noqa: E702
-                add("kl", transition_kl(cur.mean.detach(), pre.mean, cur.std).mean().item() * N)
-                add("clipfrac", st["clipfrac"]); add("approx_kl", st["approx_kl"])  # noqa: E702
-            add("grad_norm", acc.clip_grad_norm_(params, cfg.max_grad_norm))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return {k: v / counts[k] for k, v in sums.items()}
+                last = k == len(steps) - 1
+                means.add(**_step_loss(run, ro, adv, rows, i, pairs[i], weights[i], len(steps), sync=last))
+            means.add(grad_norm=run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm))
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+    return means.means()
+
+
+def _step_loss(run: _Run, ro, adv, rows, i: int, pair, weight: float, n_steps: int, sync: bool) -> dict:
+    """Back-propagate the loss of transition ``i`` of the trajectories ``rows`` (divided by the
+    ``n_steps`` trained per trajectory); returns its statistics. ``sync``: all-reduce the gradients."""
+    cfg, policy, acc, g_kw = run.cfg, run.policy, run.acc, run.g_kw
+    (t, prev_t), N = pair, ro.latents.shape[0] - 1
+    x_t, x_prev = ro.latents[i][rows], ro.latents[i + 1][rows]
+    cond = map_cond(ro.cond, lambda v: v[rows])
+    with torch.no_grad(), base_model(run.unet):
+        pre, eps_pre = evaluate_transition(run.plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
+    with contextlib.nullcontext() if sync else acc.no_sync(run.ddp_unet):
+        cur, eps = evaluate_transition(run.train_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
+        pg, st = ppo_loss(cur.log_prob, ro.log_probs[i][rows], adv[rows], cfg.clip_range, cfg.adv_clip_max, weight)
+        kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
+        loss = pg + cfg.kl * kl_eps
+        acc.backward(loss / n_steps)
+    return dict(loss=loss.item(), pg=pg.item(), kl_eps=kl_eps.item(),
+                kl=transition_kl(cur.mean.detach(), pre.mean, cur.std).mean().item() * N,
+                clipfrac=st["clipfrac"], approx_kl=st["approx_kl"])
