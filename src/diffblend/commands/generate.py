@@ -11,9 +11,16 @@ from ..generation import parse_adapters  # noqa: F401  (re-exported: demo and ap
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate", help="generate images with a blend of reward adapters",
-        description="Generate images with Diffusion Blend. By default the embedded digits model and its shipped "
+        description="Generate images with Diffusion Blend. By default the default embedded model and its shipped "
                     "adapters; --model DIR (a diffusers pipeline folder or hub id) with --adapter NAME=PATH for "
                     "another model. --weights omitted: the base model.")
+    _blend_options(p)
+    _model_options(p)
+    p.set_defaults(func=run)
+
+
+def _blend_options(p: argparse.ArgumentParser) -> None:
+    """What to generate: prompts, weights, method, seeds, sampler settings."""
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable; default: the embedded model's first default prompt); the digits "
                         "model: '7', 'a digit 7', 'seven'...; the colour model: 'a small red triangle on a striped "
@@ -33,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="guidance scale (default: the pipeline's own, 2.0 for the digits model, 7.5 SD 1.5, 3.5 Flux): "
+                   help="guidance scale (default: an embedded model's, 3 colour, 2 digits; else the pipeline's own, "
+                        "7.5 SD 1.5, 3.5 Flux): "
                         "the CFG scale; for a guidance-distilled Flux (FLUX.1-dev) its guidance input, as "
                         "FluxPipeline's guidance_scale (refused for a Flux without one, e.g. FLUX.1-schnell, which "
                         "would ignore it)")
@@ -44,6 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta in [0, 1] (default 1: the stochastic sampler; pipelines without eta, such as "
                         "SD3's flow matching, get none: their scheduler decides)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Which model and adapters, where the image goes, how it runs."""
     p.add_argument("--model", default=None,
                    help="a diffusers pipeline folder or hub id, or an embedded model by name (colour, digits); "
                         "default: the default embedded model")
@@ -69,7 +81,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="how MPA runs the adapters (default auto: batched on CUDA)")
     p.add_argument("-o", "--output", default="diffblend.png",
                    help="output image; the extension picks the format: .png (default diffblend.png), .jpg, .webp")
-    p.set_defaults(func=run)
 
 
 def merge_adapters(shipped: dict, extra: dict[str, str], replace: bool, flag: str = "--replace-shipped") -> dict:

@@ -27,8 +27,10 @@ class FinetuneConfig:
                           "or NAME=W,NAME=W (w >= 0, sum 1) for a MORL oracle")
     kl: float = setting(1.0, "alpha >= 0, weight of the KL term alpha * sum_d (eps_theta - eps_pre)^2 per step "
                              "(per reward unit)")
-    model: str | None = setting(None, "a diffusers pipeline folder; none = the embedded digits model")
-    prompts: tuple[str, ...] = setting(DIGIT_PROMPTS, "prompts drawn uniformly for the rollouts")
+    model: str | None = setting(None, "a diffusers pipeline folder, or an embedded model by name (colour, digits); "
+                                      "none = the default embedded model")
+    prompts: tuple[str, ...] = setting((), "prompts drawn uniformly for the rollouts (default: an embedded model's "
+                                           "default prompts; a pipeline folder needs them)")
     calibration: str | None = setting(None, "a reward calibration manifest (diffblend calibrate): train on each "
                                             "reward standardised against the base model's images, (r - mean) / std, "
                                             "so the weights of NAME=W,... mean the same on every reward")
@@ -85,7 +87,6 @@ class FinetuneConfig:
 
         need(isinstance(self.reward, str) and bool(self.reward.strip()), "reward", "a reward name or NAME=W,...")
         need(self.kl >= 0, "kl", ">= 0")
-        need(len(self.prompts) > 0, "prompts", "a non-empty list")
         need(self.rank >= 1, "rank", ">= 1")
         need(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "> 0 or None")
         for name in ("epochs", "prompts_per_epoch", "num_steps", "inner_epochs", "minibatch_size",

@@ -187,6 +187,21 @@ def _record(cfg: FinetuneConfig, run_dir: Path, row: dict, done: int, end_epoch:
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
 
 
+def with_default_prompts(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with its prompts filled in from the embedded model's default prompts when it has none."""
+    import dataclasses
+
+    from ..generation import embedded_model
+
+    if cfg.prompts:
+        return cfg
+    embedded = embedded_model(cfg.model)
+    if embedded is None or not embedded.prompts:
+        raise ValueError(f"prompts: the model {cfg.model!r} has no default prompts; give the prompts to train on "
+                         f"(--prompts)")
+    return dataclasses.replace(cfg, prompts=tuple(embedded.prompts))
+
+
 def _accelerator(cfg: FinetuneConfig, accelerator=None):
     """The given accelerator, or one on the GPU if any (cfg.mixed_precision).
 
@@ -289,6 +304,7 @@ def finetune(
         :class:`FinetuneResult`.
     """
     run_dir = Path(run_dir)
+    cfg = with_default_prompts(cfg)
     acc = _accelerator(cfg, accelerator)
     start_epoch, state, out = _prepare_run_dir(cfg, run_dir, output, resume)
     # before the model: fail fast on a bad name
