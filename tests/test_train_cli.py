@@ -23,7 +23,9 @@ def test_finetune_command_trains_saves_and_resumes(tiny_model, tmp_path, capsys)
     run = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_model), "--reward", "boldness", "--kl", "0.1", "--run-dir", str(run),
             "--epochs", "2", "--prompts-per-epoch", "1", "--samples-per-prompt", "2", "--steps", "3",
-            "--minibatch-size", "2", "--checkpoint-every", "1", "--no-progress"]
+            "--minibatch-size", "2", "--checkpoint-every", "1", "--prompts", "3,7", "--no-progress"]
+    assert main(["finetune", *args[1:-3], "--no-progress"]) == 1  # a folder has no default prompts
+    assert "--prompts" in capsys.readouterr().err
     assert main(args) == 0
     assert "adapter:" in capsys.readouterr().out
     cfg = json.loads((run / "config.json").read_text())
