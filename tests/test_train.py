@@ -525,3 +525,15 @@ def test_a_given_accelerator_with_another_mixed_precision_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"mixed_precision is 'bf16' but cfg.mixed_precision is 'no'"):
         finetune(small_cfg(), tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, accelerator=acc)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_a_launch_precision_other_than_the_runs_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (or a config file's) sets ACCELERATE_MIXED_PRECISION; the trainer
+    builds its accelerator from cfg.mixed_precision, so a silent override is refused, naming both."""
+    from diffblend.train.trainer import _accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match=r"asks for mixed precision 'bf16' but the run's mixed_precision is 'no'"):
+        _accelerator(small_cfg())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert _accelerator(small_cfg()).mixed_precision == "no"

@@ -210,8 +210,15 @@ def _accelerator(cfg: FinetuneConfig, accelerator=None):
             a given accelerator's mixed precision is not ``cfg.mixed_precision`` (the run's config.json
             would record a precision the run did not use).
     """
+    import os
+
     from accelerate import Accelerator
 
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch` (flag or config file)
+    if accelerator is None and launched and launched != cfg.mixed_precision:
+        raise ValueError(f"accelerate launch asks for mixed precision {launched!r} but the run's mixed_precision is "
+                         f"{cfg.mixed_precision!r}; pass --mixed-precision {launched} (it is recorded in "
+                         f"config.json), or launch with --mixed_precision {cfg.mixed_precision}")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     if getattr(acc, "gradient_accumulation_steps", 1) != 1:  # acc.backward would only divide each loss by it
         raise ValueError(f"accelerate's gradient_accumulation_steps = {acc.gradient_accumulation_steps} is not used "
