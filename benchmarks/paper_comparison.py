@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--pair", default="", help="the conflicting pair R1,R2 (default: the model's demo pair)")
     p.add_argument("--third", default="", help="the third reward of the three-reward run (default: a remaining one)")
     p.add_argument("--no-third", action="store_true", help="skip the three-reward run")
+    p.add_argument("--score", default="", help="comma-separated rewards also scored on every image (not blended), "
+                                               "e.g. prompt_alignment to see reward hacking")
     p.add_argument("--no-kla", action="store_true", help="skip the DB-KLA lambda sweep")
     p.add_argument("--prompts", default="", help="comma-separated prompts (default: the model's default prompts)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (images per setting = prompts x seeds)")
@@ -123,7 +125,8 @@ def _backend(args, plan):
     rest = [r for r in per_reward if r not in pair]
     third = "" if args.no_third else (args.third or (rest[0] if rest else ""))
     calibration = embedded.adapters_dir / "calibration.json" if embedded.adapters_dir else None
-    backend = default_backend([*pair, *([third] if third else [])], num_steps=plan["steps"], model=embedded.name,
+    extra = [r for r in args.score.split(",") if r.strip() and r not in (*pair, third)]
+    backend = default_backend([*pair, *([third] if third else []), *extra], num_steps=plan["steps"], model=embedded.name,
                               calibration=str(calibration) if calibration and calibration.is_file() else None)
     plan["prompts"] = plan["prompts"] or list(embedded.prompts)[: 2 if args.quick else None]
     plan["calibrated"] = bool(calibration and calibration.is_file())
@@ -322,6 +325,36 @@ def _ls_vs_mpa(recs, pair, ws) -> list[str]:
     return rows
 
 
+def _adapter_checks(recs, pair) -> list[str]:
+    """Each shipped model (the single-reward adapters = the oracle at w = 0 / 1, the oracles) against the base:
+    the mean change of every scored reward in base-sd units, and the oracle's r(0.5) gain."""
+    import numpy as np
+
+    from diffblend.evaluate.analysis import reward_names, select
+
+    names = reward_names(recs)
+    base = select(recs, "base", None, any_lambda=True)
+    if not base:
+        return ["(no base records)"]
+    sd = {n: float(np.std([r["rewards"][n] for r in base.values()], ddof=1)) for n in names}
+    half = {pair[0]: 0.5, pair[1]: 0.5}
+    sd_half = float(np.std([weighted_reward(r["rewards"], half) for r in base.values()], ddof=1))
+    rows = ["| model | " + " | ".join(f"{n} change / sd" for n in names) + " | r(0.5) gain / sd | n |",
+            "|---|" + "---|" * (len(names) + 2)]
+    for w2 in sorted({float(r["weights"][pair[1]]) for r in recs if r["method"] == "morl" and r["weights"]}):
+        w = {pair[0]: round(1 - w2, 12), pair[1]: w2}
+        sel = select(recs, "morl", w, any_lambda=True)
+        keys = sorted(set(sel) & set(base))
+        if not keys:
+            continue
+        ch = [np.mean([sel[k]["rewards"][n] - base[k]["rewards"][n] for k in keys]) / sd[n] for n in names]
+        g = np.mean([weighted_reward(sel[k]["rewards"], half) - weighted_reward(base[k]["rewards"], half)
+                     for k in keys]) / sd_half
+        label = pair[0] if w2 == 0 else pair[1] if w2 == 1 else f"MORL oracle w = {w2:g}"
+        rows.append(f"| {label} | " + " | ".join(f"{c:+.2f}" for c in ch) + f" | {g:+.2f} | {len(keys)} |")
+    return rows
+
+
 def _intro(args, plan, pair, third, stats, wall, recs, costs, embedded) -> str:
     cmd = "python " + " ".join(["benchmarks/paper_comparison.py", *sys.argv[1:]])
     model = (f"the embedded {embedded.name} model, CFG {embedded.guidance_scale:g}" if embedded else "the analytic toy")
@@ -360,7 +393,10 @@ def _intro(args, plan, pair, third, stats, wall, recs, costs, embedded) -> str:
         "and rewards: compare orderings and oracle fractions, not values.",
         "", "```", _headline(recs, pair, costs), "```", "",
         "DB-MPA-LS against DB-MPA along w (paired over images with the same noise):", "",
-        *_ls_vs_mpa(recs, pair, plan["ws"]),
+        *_ls_vs_mpa(recs, pair, plan["ws"]), "",
+        "The adapters against the base (paired images; each reward's change in units of its sd over the base's "
+        "images in this run; r(0.5) in units of the sd of r(0.5) over the base's images):", "",
+        *_adapter_checks(recs, pair),
     ]
     return "\n".join(lines)
 
