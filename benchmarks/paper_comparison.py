@@ -84,6 +84,7 @@ def parse_args(argv=None):
                    help="add 'RGG tuned': kl_coeff from %s maximising mean r(w=0.5) on held-out prompts" % (RGG_GRID,))
     p.add_argument("--tune-prompts", default="", help="held-out prompts of the RGG tuning (default: the model's)")
     p.add_argument("--tune-seeds", type=int, default=2, help="seeds per held-out prompt (seeds 1000+; default 2)")
+    p.add_argument("--tune-only", action="store_true", help="only tune RGG (rgg_tuning.json), e.g. before --processes")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=10)
@@ -201,6 +202,9 @@ def main(argv=None) -> int:
     options = MethodOptions(eta=1.0, rgg=RGGConfig(), code=CoDeConfig(num_candidates=plan["N"], block_size=plan["B"]))
     if "rgg_tuned" in methods:
         options = _tuned_options(args, backend, pair, plan, options, data, embedded)
+    if args.tune_only:
+        print(f"paper_comparison: RGG tuned kl_coeff = {options.rgg_tuned.kl_coeff if options.rgg_tuned else '-'}")
+        return 0
     settings = _settings(backend, methods, pair, third, plan)
     records = data / "records.jsonl"
     seeds = list(range(plan["seeds"]))
@@ -222,7 +226,7 @@ def _write_report(args, plan, backend, pair, third, methods, options, data, reco
     grid_png = _image_grid(args, backend, pair, methods, options, plan, data) if args.backend == "default" else None
     w_half = {pair[0]: 0.5, pair[1]: 0.5}
     timed = [m for m in methods if m != "base" and (m != "morl" or _has_oracle(backend, Setting.make("morl", w_half)))]
-    costs = measure_costs(backend, timed, w_half, plan["prompts"][:10], options, repeats=1 if args.quick else 3)
+    costs = measure_costs(backend, timed, w_half, plan["prompts"][:5], options, repeats=1 if args.quick else 3)
     atomic_write_text(data / "costs.json", json.dumps(costs, indent=1) + "\n")
     wall = time.time() - t_start
     recs = read_records(records)
