@@ -537,3 +537,24 @@ def test_a_launch_precision_other_than_the_runs_is_refused(tmp_path, monkeypatch
         _accelerator(small_cfg())
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert _accelerator(small_cfg()).mixed_precision == "no"
+
+
+def test_only_the_last_backward_of_an_optimizer_step_syncs(tmp_path):
+    """Every transition is back-propagated on its own; only the last backward of an optimizer step may
+    all-reduce (DDP) or step a DeepSpeed engine (accelerate steps it after each backward whose
+    sync_gradients is true). Recorded: acc.sync_gradients at each backward, and the optimizer steps."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    seen, inner = [], acc.backward
+
+    def backward(loss, **kw):
+        seen.append(acc.sync_gradients)
+        return inner(loss, **kw)
+
+    acc.backward = backward
+    cfg = small_cfg(epochs=1, minibatch_size=2, prompts_per_epoch=2, samples_per_prompt=2, num_steps=3)
+    finetune(cfg, tmp_path, policy=tiny_policy(), reward_fn=brightness, progress=False, accelerator=acc)
+    # 4 trajectories in minibatches of 2: 2 optimizer steps of 3 transitions each
+    assert seen == [False, False, True] * 2
+    assert acc.sync_gradients  # restored

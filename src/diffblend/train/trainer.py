@@ -406,6 +406,21 @@ def _update(run: _Run, ro, adv: torch.Tensor) -> dict:
     return means.means()
 
 
+@contextlib.contextmanager
+def _accumulating(acc, model):
+    """A backward that is not the last of its optimizer step: no gradient all-reduce (DDP's ``no_sync``) and
+    ``sync_gradients`` off, which is what keeps accelerate from stepping a DeepSpeed engine on it (it runs
+    ``engine.step()`` after every backward whose ``sync_gradients`` is true, as in ``Accelerator.accumulate``)."""
+    state = acc.gradient_state
+    before = state.sync_gradients
+    state._set_sync_gradients(False)
+    try:
+        with acc.no_sync(model):
+            yield
+    finally:
+        state._set_sync_gradients(before)
+
+
 def _step_loss(run: _Run, ro, adv, rows, i: int, pair, weight: float, n_steps: int, sync: bool) -> dict:
     """Back-propagate the loss of transition ``i`` of the trajectories ``rows`` (divided by the
     ``n_steps`` trained per trajectory); returns its statistics. ``sync``: all-reduce the gradients."""
@@ -415,7 +430,7 @@ def _step_loss(run: _Run, ro, adv, rows, i: int, pair, weight: float, n_steps: i
     cond = map_cond(ro.cond, lambda v: v[rows])
     with torch.no_grad(), base_model(run.unet):
         pre, eps_pre = evaluate_transition(run.plain_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
-    with contextlib.nullcontext() if sync else acc.no_sync(run.ddp_unet):
+    with contextlib.nullcontext() if sync else _accumulating(acc, run.ddp_unet):
         cur, eps = evaluate_transition(run.train_model, policy, x_t, t, prev_t, x_prev, cond, **g_kw)
         pg, st = ppo_loss(cur.log_prob, ro.log_probs[i][rows], adv[rows], cfg.clip_range, cfg.adv_clip_max, weight)
         kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
