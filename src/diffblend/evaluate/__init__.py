@@ -10,8 +10,7 @@ Heavy modules (diffusers, matplotlib) are imported by the functions that need th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 from .hypervolume import hypervolume  # eager: a lazy name equal to its module's would be shadowed by the module
 
@@ -32,13 +31,4 @@ _WHERE = {
 __all__ = ["hypervolume", *_WHERE]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

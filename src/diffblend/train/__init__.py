@@ -13,8 +13,7 @@ Heavy imports (diffusers, peft, accelerate) happen inside the functions that nee
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # name -> submodule: imported on first use (PEP 562), so ``diffblend.train.config`` (the command line
 # builds its options from it) does not pull in the trainer, peft helpers and rewards.
@@ -29,13 +28,4 @@ _WHERE = {
 __all__ = list(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
