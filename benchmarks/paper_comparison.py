@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds per prompt (images per setting = prompts x seeds)")
     p.add_argument("--ws", default="0,0.25,0.5,0.75,1", help="w grid along the pair (w = the second reward's share)")
     p.add_argument("--code-ws", default="", help="run CoDe only at these w (default: every w)")
+    p.add_argument("--singles", action="store_true",
+                   help="also run the single-reward adapters (the oracle at w = 0 and 1) when --ws leaves them out")
     p.add_argument("--rgg-tune", action="store_true",
                    help="add 'RGG tuned': kl_coeff from %s maximising mean r(w=0.5) on held-out prompts" % (RGG_GRID,))
     p.add_argument("--tune-prompts", default="", help="held-out prompts of the RGG tuning (default: the model's)")
@@ -99,7 +101,8 @@ def _plan(args) -> dict:
     """The grids and counts of this run (--quick shrinks them)."""
     plan = dict(ws=_floats(args.ws), lambdas=[] if args.no_kla else [0.0, 0.5, 1.0, 1.5, 2.0],
                 prompts=[x for x in args.prompts.split(",") if x.strip()], seeds=args.seeds, steps=args.steps,
-                N=args.code_candidates, B=args.code_block, code_ws=_floats(args.code_ws) if args.code_ws else None)
+                N=args.code_candidates, B=args.code_block, code_ws=_floats(args.code_ws) if args.code_ws else None,
+                singles=args.singles)
     if args.quick:
         plan.update(ws=[0.0, 0.5, 1.0], lambdas=[] if args.no_kla else [0.0, 1.0, 2.0], seeds=1, steps=6, N=3, B=2)
     return plan
@@ -178,6 +181,8 @@ def _settings(backend, methods, pair, third, plan):
     settings = build_settings([*main, *(["kla"] if plan["lambdas"] else [])], grid, plan["lambdas"], kla_w)
     if "code" in methods and plan["code_ws"] is not None:
         settings += build_settings(["code"], pair_grid(pair, plan["code_ws"]))
+    if plan["singles"] and "morl" in methods:
+        settings += build_settings(["morl"], pair_grid(pair, [w for w in (0.0, 1.0) if w not in plan["ws"]]))
     missing = [s.weights_dict for s in settings if s.method == "morl" and not _has_oracle(backend, s)]
     if missing:
         print(f"paper_comparison: no MORL oracle for w in {missing}; those settings are left out", flush=True)
