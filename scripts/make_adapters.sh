@@ -39,17 +39,9 @@ ADAPTERS=(
   "morl_w0_75|jpeg_compressibility=0.75,legibility=0.25|0.05"
 )
 
-mkdir -p "$RUNS" "$OUT"
-for entry in "${ADAPTERS[@]}"; do
-  IFS='|' read -r name reward kl <<<"$entry"
-  [[ -n "$ONLY" && "$name" != *"$ONLY"* ]] && continue
-  resume=()
-  [[ -d "$RUNS/$name/checkpoints" ]] && resume=(--resume)
-  start=$SECONDS
-  diffblend finetune --reward "$reward" --kl "$kl" --run-dir "$RUNS/$name" -o "$OUT/$name.safetensors" \
-    "${COMMON[@]}" "${resume[@]}"
-  echo "$name: $((SECONDS - start)) s wall"
-done
+# shellcheck source=scripts/_finetune_adapters.sh
+source scripts/_finetune_adapters.sh
+finetune_adapters
 
 # Paired evaluation of every shipped adapter against the base: 16 images per digit, the same noise
 # for every model; every reward, legibility accuracy, and the path KL to the base.
