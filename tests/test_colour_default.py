@@ -43,3 +43,20 @@ def test_colour_pipeline_is_rgb_and_predicts_v():
         img = pipe(["a red circle"], num_inference_steps=2, output_type="pt",
                    generator=[torch.Generator().manual_seed(0)]).images
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_embedded_models_by_name_and_the_default_switch():
+    from diffblend.generation import embedded_model, embedded_name
+    from diffblend.registry import use_default_model
+
+    assert embedded_models()[0] == default_model().name  # the default first
+    assert embedded_name("colour") == "colour" and embedded_name("no-such") is None
+    assert embedded_model("digits").name == "digits" and embedded_model("/a/folder") is None
+    with pytest.raises(LookupError, match="no embedded model 'nope'; embedded models: "):
+        default_model("nope")
+    previous = use_default_model("colour")
+    try:
+        assert default_model().name == "colour" and embedded_model(None).name == "colour"
+    finally:
+        use_default_model(previous)
+    assert default_model().name == previous
