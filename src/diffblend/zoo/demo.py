@@ -6,6 +6,7 @@ noise (paired comparison), so differences between columns are due to the blend a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,10 +112,16 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
     methods = list(res.images)
     K, N = len(res.ws), len(res.prompts)
     cell = 0.75  # inches per image: room for two or three lines of labels above each column
-    fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * (cell * K + 0.4), cell * N + 1.4),
-                             squeeze=False)
     short = {"jpeg_compressibility": "compr", "legibility": "legib", "boldness": "bold", "colourfulness": "colour",
              "prompt_alignment": "align"}
+    n_rewards = len(res.rewards[methods[0]])
+    width = len(methods) * (cell * K + 0.4)
+    legend = _legend(list(res.rewards[methods[0]]), short)
+    legend_lines = sum(math.ceil(len(line) / (17 * width)) for line in legend.splitlines())  # ~19 chars / inch
+    top, bottom = 0.14 * (1 + n_rewards) + 0.1, 0.13 * legend_lines + 0.6  # inches: column labels; titles, legend
+    height = cell * N + top + bottom
+    fig, axes = plt.subplots(1, len(methods), figsize=(width, height),
+                             squeeze=False)
     for ax, m in zip(axes[0], methods):
         x = res.images[m].transpose(0, 1).reshape(N * K, *res.images[m].shape[2:])  # row = prompt, col = w
         grid = image_grid(x, ncols=K, scale=scale)
@@ -131,9 +138,9 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
         title = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "soup": "Rewarded Soup"}.get(m, m)
         a, b = (short.get(r, r) for r in res.pair)
         ax.set_xlabel(f"{title}\n{a} (w=0) -> {b} (w=1)", fontsize=9)
-    fig.text(0.01, 0.005, _legend(list(res.rewards[methods[0]]), short), fontsize=6, va="bottom", ha="left",
+    fig.text(0.01, 0.005, legend, fontsize=6, va="bottom", ha="left",
              wrap=True)
-    fig.tight_layout(rect=(0, 0.06 * max(1, len(res.rewards[methods[0]])) / 2, 1, 1))
+    fig.tight_layout(rect=(0, (0.13 * legend_lines + 0.1) / height, 1, 1 - top / height))
     path = Path(path)
     fmt = figure_format(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
