@@ -47,7 +47,7 @@ PAPER = {"base": -0.04, "soup": 0.11, "code": 0.22, "rgg": 0.32, "mpa": 0.42, "m
 PAPER_ORDER = "base < RS < CoDe < RGG < DB-MPA < MORL (LS: close to DB-MPA at half the cost)"
 LABEL = {"base": "base", "soup": "RS", "rgg": "RGG", "rgg_tuned": "RGG tuned", "code": "CoDe", "mpa": "DB-MPA",
          "ls": "DB-MPA-LS", "morl": "MORL"}
-RGG_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # kl_coeff alpha: guidance strength 1 / alpha; 0.1 = authors'
+RGG_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # kl_coeff alpha: guidance strength 1 / alpha; 0.1 = authors'
 
 
 def simplex_grid(names: list[str]) -> list[dict[str, float]]:

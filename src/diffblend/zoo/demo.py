@@ -117,7 +117,7 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
     n_rewards = len(res.rewards[methods[0]])
     width = len(methods) * (cell * K + 0.4)
     legend = _legend(list(res.rewards[methods[0]]), short)
-    legend_lines = sum(math.ceil(len(line) / (17 * width)) for line in legend.splitlines())  # ~19 chars / inch
+    legend_lines = sum(math.ceil(len(line) / (17 * width)) for line in legend.splitlines())  # ~17 chars / inch
     top, bottom = 0.14 * (1 + n_rewards) + 0.1, 0.13 * legend_lines + 0.6  # inches: column labels; titles, legend
     height = cell * N + top + bottom
     fig, axes = plt.subplots(1, len(methods), figsize=(width, height),
