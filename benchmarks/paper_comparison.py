@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -365,7 +366,7 @@ def _adapter_checks(recs, pair) -> list[str]:
 
 
 def _intro(args, plan, pair, third, stats, wall, recs, costs, embedded) -> str:
-    cmd = "python " + " ".join(["benchmarks/paper_comparison.py", *sys.argv[1:]])
+    cmd = "python " + shlex.join(["benchmarks/paper_comparison.py", *sys.argv[1:]])
     model = (f"the embedded {embedded.name} model, CFG {embedded.guidance_scale:g}" if embedded else "the analytic toy")
     calib = " (calibrated: each reward standardised by the base model's mean and sd, shipped calibration.json)" \
         if plan.get("calibrated") else ""
