@@ -8,6 +8,8 @@ that it judges generated digits, not only the scanner's. Shipped as safetensors 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -69,19 +71,31 @@ def train_classifier(cfg: ClassifierConfig = ClassifierConfig()) -> DigitClassif
         torch.manual_seed(cfg.seed)
         model = DigitClassifier(cfg.width)
     x, y = load_split("train")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * ((len(y) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+
+    def losses():
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                yield nn.functional.cross_entropy(model(_augment(x[idx], g, cfg.noise_std)), y[idx])
+
+    return fit_one_cycle(model, losses(), steps, cfg.lr, cfg.weight_decay)
+
+
+def fit_one_cycle(model: nn.Module, losses: Iterable[torch.Tensor], steps: int, lr: float,
+                  weight_decay: float) -> nn.Module:
+    """Train ``model`` with AdamW under a one-cycle learning rate of ``steps`` steps, one step per loss that
+    ``losses`` yields (a generator: each loss is computed after the previous step); returns it in eval mode.
+    The digit classifier and the colour model's attribute classifier train this way."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(_augment(x[idx], g, cfg.noise_std)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    for loss in losses:
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
     return model.eval()
 
 

@@ -79,18 +79,14 @@ def train_attribute_classifier(cfg: AttributeClassifierConfig = AttributeClassif
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = AttributeClassifier(cfg.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
-    model.train()
-    for _ in range(cfg.steps):
-        attrs = sample_attributes(cfg.batch_size, g)
-        x = _augment(render(attrs, g), g, cfg.noise_std)
-        loss = _loss(model(x), attrs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    from ..classifier import fit_one_cycle
+
+    def losses():
+        for _ in range(cfg.steps):
+            attrs = sample_attributes(cfg.batch_size, g)
+            yield _loss(model(_augment(render(attrs, g), g, cfg.noise_std)), attrs)
+
+    return fit_one_cycle(model, losses(), cfg.steps, cfg.lr, weight_decay=1e-4)
 
 
 @torch.no_grad()
