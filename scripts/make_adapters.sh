@@ -50,4 +50,5 @@ for entry in "${ADAPTERS[@]}"; do
   IFS='|' read -r name _ _ <<<"$entry"
   [[ -f "$OUT/$name.safetensors" ]] && args+=(--adapter "$name=$OUT/$name.safetensors")
 done
-python -m diffblend.train.evaluate "${args[@]}" --per-prompt 16 --seed 1234 -o "$OUT/evaluation.json"
+python -m diffblend.train.evaluate --model digits --rewards jpeg_compressibility,legibility,boldness "${args[@]}" \
+  --per-prompt 16 --seed 1234 --guidance-scale 2.0 -o "$OUT/evaluation.json"

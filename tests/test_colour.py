@@ -25,15 +25,45 @@ def test_render_is_deterministic_and_in_range():
     assert all(D.COLOURS[c] != D.BACKGROUNDS[b] for c, b in zip(a["colour"], a["background"]))
 
 
+def _saturation_of(pixel: torch.Tensor, name: str) -> float:
+    """s with pixel = grey + s (colour - grey), grey the colour's mean; asserts the pixel is on that line."""
+    c = torch.tensor(D.RGB[name])
+    grey = c.mean()
+    s = float(((pixel - grey) * (c - grey)).sum() / ((c - grey) ** 2).sum())
+    assert torch.allclose(pixel, grey + s * (c - grey), atol=1e-5), (pixel, name)
+    return s
+
+
 def test_render_puts_the_colours_where_they_belong():
     x = D.render(_scene(shape="square", colour="red", size="large", pattern="plain", background="blue"),
                  torch.Generator().manual_seed(0))[0]
-    assert torch.allclose(x[:, 16, 16], torch.tensor(D.RGB["red"]), atol=1e-6)  # centre: the shape
-    assert torch.allclose(x[:, 0, 0], torch.tensor(D.RGB["blue"]), atol=1e-6)  # corner: the background
+    lo, hi = D.SATURATION
+    assert lo - 1e-6 <= _saturation_of(x[:, 16, 16], "red") <= hi + 1e-6  # centre: the shape
+    assert lo - 1e-6 <= _saturation_of(x[:, 0, 0], "blue") <= hi + 1e-6  # corner: the background
     small = D.render(_scene(shape="square", colour="red", size="small", pattern="plain", background="blue"),
                      torch.Generator().manual_seed(0))[0]
-    red = lambda img: float(((img - torch.tensor(D.RGB["red"])[:, None, None]).abs().sum(0) < 0.1).float().mean())
-    assert red(small) < 0.5 * red(x)
+    shape = lambda img: float(((img - img[:, 16, 16][:, None, None]).abs().sum(0) < 1e-4).float().mean())
+    assert shape(small) < 0.5 * shape(x)
+
+
+def test_what_the_prompt_does_not_name_varies_between_its_images():
+    """One prompt, 64 images: the shape's and the background's saturation spread over SATURATION, the
+    pattern's second tone over DARK; white stays white (saturation does not change a grey)."""
+    n = 64
+    scene = {k: v.repeat(n) for k, v in _scene(shape="square", colour="red", size="large", pattern="striped",
+                                                background="blue").items()}
+    x = D.render(scene, torch.Generator().manual_seed(0))
+    s_shape = torch.tensor([_saturation_of(img[:, 16, 16], "red") for img in x])
+    s_back = torch.tensor([_saturation_of(img[:, :, 0].max(1).values, "blue") for img in x])  # the light tone
+    for s in (s_shape, s_back):
+        assert s.min() >= D.SATURATION[0] - 1e-5 and s.max() <= D.SATURATION[1] + 1e-5
+        assert s.max() - s.min() > 0.8 * (D.SATURATION[1] - D.SATURATION[0])
+    edges = torch.cat([x[:, 2, 0, :], x[:, 2, :, 0]], 1)  # blue channel of the top row and left column: both tones
+    dark = edges.amin(1) / edges.amax(1)  # second tone / first
+    assert dark.min() >= D.DARK[0] - 1e-5 and dark.max() <= D.DARK[1] + 1e-5
+    white = D.render(_scene(shape="circle", colour="white", size="large", pattern="plain", background="black"),
+                     torch.Generator().manual_seed(1))[0]
+    assert torch.allclose(white[:, 16, 16], torch.tensor(D.RGB["white"]), atol=1e-6)
 
 
 @pytest.mark.parametrize("pattern,changes", [("plain", False), ("striped", True), ("checkered", True)])

@@ -17,7 +17,7 @@ DIGIT_PROMPTS = tuple(str(d) for d in range(10))  # the embedded default model's
 
 @dataclass
 class FinetuneConfig:
-    """DPOK-style fine-tuning of one LoRA adapter for one reward (or one weighted reward, MORL).
+    """RL fine-tuning (DPOK, or reward-weighted regression) of one LoRA adapter for one reward (or one weighted reward, MORL).
 
     Every field has its unit. "epoch" = one round of rollouts followed by the policy updates on them.
     """
@@ -50,10 +50,20 @@ class FinetuneConfig:
     guidance_scale: float = setting(2.0, "CFG scale of the rollouts, as at inference (1 = none; 2 = the digits "
                                          "default)")
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
+    algorithm: str = setting("dpok", "dpok: PPO-clipped policy gradient on the stored transitions (DPOK / DDPO); "
+                                     "rwr: reward-weighted regression, the denoising loss on the epoch's own images "
+                                     "weighted by exp(r / rwr_beta) within each prompt's group (both with the KL term)",
+                             choices=("dpok", "rwr"))
+    rwr_beta: float = setting(0.5, "rwr: temperature beta > 0 of the weights exp(r / beta), in reward units (one "
+                                   "base sd under --calibration); each epoch tilts the model towards p exp(r / beta)")
+    rwr_min_ess: float = setting(0.0, "rwr: a trust region, in [0, 1): a prompt's group whose weights would have an "
+                                      "effective sample size below this gets the smallest larger beta that reaches "
+                                      "it (0 = off)")
     inner_epochs: int = setting(1, "passes over each epoch's rollouts")
     minibatch_size: int = setting(16, "trajectories per optimizer step (16 = the whole epoch's batch at the "
                                       "default sizes: one step per epoch)")
-    timestep_fraction: float = setting(1.0, "fraction of the num_steps transitions trained per trajectory, (0, 1]")
+    timestep_fraction: float = setting(1.0, "fraction of the num_steps transitions trained per trajectory, (0, 1] "
+                                                 "(rwr: of the grid points each image is noised at per update)")
     clip_range: float = setting(1e-4, "PPO ratio clip epsilon (DDPO's value: log-probs sum over many dimensions)")
     step_weighting: str = setting("pred", "pred: scale step t's policy-gradient loss by sigma_t / |d mean / d pred| "
                                           "(prediction units); none: plain DDPO", choices=("pred", "none"))
@@ -106,6 +116,8 @@ class FinetuneConfig:
                 need(getattr(self, f.name) in f.metadata["choices"], f.name,
                      "one of " + ", ".join(map(repr, f.metadata["choices"])))
         need(self.adv_clip_max > 0, "adv_clip_max", "> 0")
+        need(self.rwr_beta > 0, "rwr_beta", "> 0")
+        need(0.0 <= self.rwr_min_ess < 1.0, "rwr_min_ess", "in [0, 1)")
         need(self.lr > 0, "lr", "> 0")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "> 0")

@@ -4,7 +4,8 @@ Each adapter and the base generate the same images' noise (per-sample seeds: pai
 the path KL is estimated along the adapter's own trajectories as sum_t KL(p_adapter(.|x_t) ||
 p_base(.|x_t)), in nats per image, which bounds KL(p_adapter(x0) || p_base(x0)) from above.
 
-    python -m diffblend.train.evaluate --adapter NAME=FILE ... [--per-prompt 16] [-o evaluation.json]
+    python -m diffblend.train.evaluate [--model colour] --adapter NAME=FILE ... [--per-prompt 16] [--calibration FILE]
+        [-o evaluation.json]
 """
 
 from __future__ import annotations
@@ -102,13 +103,21 @@ def _scaled_to_one(name: str, state: dict[str, torch.Tensor], meta: dict, rank: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffblend.train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FILE", help="an adapter (repeatable)")
-    p.add_argument("--model", default=None, help="diffusers pipeline folder (default: the embedded digits model)")
+    p.add_argument("--model", default=None, help="a diffusers pipeline folder or an embedded model by name (default: "
+                                                 "the default embedded model)")
+    p.add_argument("--prompts", default="", metavar="A,B,...",
+                   help="prompts (default: an embedded model's; a folder needs them)")
+    p.add_argument("--rewards", default="", metavar="A,B,...",
+                   help="rewards scored (default: an embedded model's demo pair and reported rewards)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a reward calibration (diffblend calibrate): also print each change in base sd units")
     p.add_argument("--per-prompt", type=int, default=16, help="images per prompt (default 16)")
     p.add_argument("--seed", type=int, default=1234, help="noise seed of the evaluation images")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: an embedded model's (else 2)")
     p.add_argument("-o", "--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    from ..generation import embedded_model
     from .trainer import load_policy
 
     adapters = {}
@@ -117,16 +126,34 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not path:
             p.error(f"--adapter {item!r} is malformed; expected NAME=FILE")
         adapters[name] = path
+    embedded = embedded_model(args.model)
+    prompts = [x for x in args.prompts.split(",") if x.strip()] or list(embedded.prompts if embedded else [])
+    if not prompts:
+        p.error(f"--prompts: the model {args.model!r} has no default prompts; give them")
+    rewards = [x for x in args.rewards.split(",") if x.strip()] or (
+        list(dict.fromkeys([*(embedded.demo_pair or ()), *embedded.report_rewards])) if embedded else [])
+    if not rewards:
+        p.error("--rewards: give the rewards to score")
+    guidance = args.guidance_scale if args.guidance_scale is not None else (embedded.guidance_scale if embedded else 2.0)
     t0 = time.perf_counter()
-    res = evaluate_adapters(load_policy(args.model, "cpu"), adapters, per_prompt=args.per_prompt, seed=args.seed,
-                            num_steps=args.steps, guidance_scale=args.guidance_scale)
+    res = evaluate_adapters(load_policy(args.model, "cpu"), adapters, rewards, prompts=prompts,
+                            per_prompt=args.per_prompt, seed=args.seed, num_steps=args.steps, guidance_scale=guidance)
     cols = sorted({k for r in res.values() for k in r})
     print("model".ljust(28) + "".join(c.rjust(22) for c in cols))
     for name, r in res.items():
         print(name.ljust(28) + "".join((f"{r[c]:.4f}" if c in r else "-").rjust(22) for c in cols))
+    if args.calibration:
+        sd = {k: v["std"] for k, v in json.loads(open(args.calibration).read())["rewards"].items()}
+        print("change from the base in base sd units (" + args.calibration + "):")
+        for name, r in res.items():
+            if name != "base":
+                print(name.ljust(28) + "".join(f"{k} {(r[k] - res['base'][k]) / sd[k]:+.2f}".rjust(30)
+                                               for k in rewards if k in sd))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.output:
-        atomic_write_text(args.output, json.dumps({"settings": dict(vars(args)), "results": res}, indent=2) + "\n")
+        atomic_write_text(args.output, json.dumps({"settings": dict(vars(args), prompts=prompts, rewards=rewards,
+                                                                    guidance_scale=guidance),
+                                                   "results": res}, indent=2) + "\n")
     return 0
 
 

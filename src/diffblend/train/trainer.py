@@ -1,4 +1,5 @@
-"""The fine-tuning loop: rollouts, rewards, per-prompt advantages, PPO + KL updates, under accelerate.
+"""The fine-tuning loop: rollouts, rewards, then PPO + KL updates on per-prompt advantages (DPOK) or
+reward-weighted denoising + KL updates (RWR, ``train/rwr.py``), under accelerate.
 
 Run directory::
 
@@ -29,6 +30,7 @@ from .config import FinetuneConfig
 from .dpok import evaluate_transition, per_prompt_advantages, ppo_loss, rollout, step_weight, transition_kl
 from .lora import add_lora, base_model, lora_parameters, lora_state_dict, save_lora, set_lora_state_dict
 from .policy import DiffusionPolicy
+from .rwr import effective_sample_size, rwr_weights, weighted_denoising_loss
 from ..core.sampling import map_cond
 from .reward import RewardFn, resolve_reward
 from .._io import atomic_write_text
@@ -344,10 +346,15 @@ def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, p
         # 1. rollouts with the current policy (stochastic steps: every transition has a log-prob), rewards
         run.unet.eval()
         prompts, ro, rewards, all_rewards, info = _scored_rollout(run, reward_fn, monitors, epoch)
-        adv = per_prompt_advantages(rewards, prompts).to(acc.device)
-        # 2. policy updates on the stored transitions
+        if cfg.algorithm == "rwr":  # each image's weight in the denoising loss
+            signal = rwr_weights(rewards, prompts, cfg.rwr_beta, cfg.rwr_min_ess).to(acc.device)
+        else:
+            signal = per_prompt_advantages(rewards, prompts).to(acc.device)
+        # 2. policy updates on the stored transitions (DPOK) or images (RWR)
         run.unet.train()
-        stats = _update(run, ro, adv)
+        stats = _update(run, ro, signal)
+        if cfg.algorithm == "rwr":
+            stats["ess"] = effective_sample_size(signal)
         # 3. log, checkpoint
         row = _metrics_row(epoch, all_rewards, rewards, stats, info, acc, t0)
         rows.append(row)
@@ -355,7 +362,7 @@ def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, p
             _record(cfg, run_dir, row, epoch + 1, epochs.stop, run.unet, run.opt, run.gen)
         acc.wait_for_everyone()
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
+        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")  # both algorithms log kl
     bar.close()
     return rows
 
@@ -376,16 +383,20 @@ class _Means:
         return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
-def _update(run: _Run, ro, adv: torch.Tensor) -> dict:
-    """One epoch of updates on the rollouts ``ro`` with advantages ``adv``: cfg.inner_epochs passes of
-    minibatches; per minibatch, the loss summed over ``run.n_train`` random transitions of each
-    trajectory, one AdamW step with gradient clipping.
+def _update(run: _Run, ro, signal: torch.Tensor) -> dict:
+    """One epoch of updates on the rollouts ``ro``: cfg.inner_epochs passes of minibatches; per minibatch,
+    the loss summed over ``run.n_train`` random steps of the grid, one AdamW step with gradient clipping.
+    DPOK: ``signal`` are the advantages, the steps the trajectories' stored transitions; RWR: ``signal``
+    are the images' weights, the steps grid points where the final images are noised afresh.
 
-    Returns the epoch's means: loss, pg (policy-gradient part), kl_eps (sum_d (eps_theta - eps_pre)^2
-    per step), kl (the path KL estimate sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) in nats per
-    trajectory), clipfrac, approx_kl, grad_norm.
+    Returns the epoch's means: loss, pg (DPOK's policy-gradient part) or regression (RWR's weighted
+    denoising loss), kl_eps (sum_d (eps_theta - eps_pre)^2 per step), kl (the path KL estimate
+    sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) in nats per trajectory), clipfrac and approx_kl (DPOK),
+    grad_norm.
     """
     cfg, policy = run.cfg, run.policy
+    if cfg.algorithm == "rwr":
+        return _rwr_update(run, ro, signal)
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
     pairs = list(policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
     weights = [step_weight(policy, t, prev_t, run.g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
@@ -399,7 +410,7 @@ def _update(run: _Run, ro, adv: torch.Tensor) -> dict:
             for k, i in enumerate(steps):
                 # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
                 last = k == len(steps) - 1
-                means.add(**_step_loss(run, ro, adv, rows, i, pairs[i], weights[i], len(steps), sync=last))
+                means.add(**_step_loss(run, ro, signal, rows, i, pairs[i], weights[i], len(steps), sync=last))
             means.add(grad_norm=run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm))
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
@@ -439,3 +450,59 @@ def _step_loss(run: _Run, ro, adv, rows, i: int, pair, weight: float, n_steps: i
     return dict(loss=loss.item(), pg=pg.item(), kl_eps=kl_eps.item(),
                 kl=transition_kl(cur.mean.detach(), pre.mean, cur.std).mean().item() * N,
                 clipfrac=st["clipfrac"], approx_kl=st["approx_kl"])
+
+
+def _rwr_update(run: _Run, ro, weights: torch.Tensor) -> dict:
+    """RWR's epoch of updates (see :func:`_update`): first every draw of the epoch (per pass and minibatch,
+    ``run.n_train`` grid points, each with fresh noise for its images) and the anchor of each, the prediction
+    of the model that drew the images (``train/rwr.py``), then one AdamW step per minibatch."""
+    cfg, policy = run.cfg, run.policy
+    B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
+    pairs = list(policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
+    x0 = ro.latents[-1]
+    plan = []
+    for _ in range(cfg.inner_epochs):
+        perm = torch.randperm(B, generator=run.gen)
+        for start in range(0, B, cfg.minibatch_size):
+            rows = perm[start:start + cfg.minibatch_size].to(x0.device)
+            draws = []
+            for i in torch.randperm(N, generator=run.gen)[:run.n_train].tolist():
+                noise = torch.randn((len(rows), *x0.shape[1:]), generator=run.gen, dtype=x0.dtype).to(x0.device)
+                x_t = policy.add_noise(x0[rows], noise, pairs[i][0].to(x0.device))
+                draws.append((i, x_t, noise, _rwr_eps(run, ro, rows, i, pairs[i], x_t, run.plain_model)))
+            plan.append((rows, draws))
+    means = _Means()
+    for rows, draws in plan:
+        for k, (i, x_t, noise, anchor) in enumerate(draws):
+            means.add(**_rwr_step_loss(run, ro, weights, rows, i, pairs[i], x_t, noise, anchor, len(draws),
+                                       sync=k == len(draws) - 1))
+        means.add(grad_norm=run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm))
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+    return means.means()
+
+
+@torch.no_grad()
+def _rwr_eps(run: _Run, ro, rows, i: int, pair, x_t: torch.Tensor, model) -> torch.Tensor:
+    """The guided noise estimate of ``model`` at the noised images ``x_t`` of grid point ``i`` (no grad)."""
+    cond = map_cond(ro.cond, lambda v: v[rows])
+    return evaluate_transition(model, run.policy, x_t, pair[0], pair[1], x_t, cond, **run.g_kw)[1]
+
+
+def _rwr_step_loss(run: _Run, ro, weights, rows, i: int, pair, x_t, noise, anchor, n_steps: int, sync: bool) -> dict:
+    """RWR: back-propagate the anchored weighted denoising loss of the images ``rows`` noised at grid point
+    ``i`` (plus the KL term; divided by the ``n_steps`` points drawn); returns its statistics."""
+    cfg, policy, acc, g_kw = run.cfg, run.policy, run.acc, run.g_kw
+    (t, prev_t), N = pair, ro.latents.shape[0] - 1
+    cond = map_cond(ro.cond, lambda v: v[rows])
+    # evaluate_transition's step is only read for its mean and std (the KL estimate): x_prev is a placeholder
+    with torch.no_grad(), base_model(run.unet):
+        pre, eps_pre = evaluate_transition(run.plain_model, policy, x_t, t, prev_t, x_t, cond, **g_kw)
+    with contextlib.nullcontext() if sync else _accumulating(acc, run.ddp_unet):
+        cur, eps = evaluate_transition(run.train_model, policy, x_t, t, prev_t, x_t, cond, **g_kw)
+        regression = weighted_denoising_loss(eps, noise, weights[rows], anchor=anchor)
+        kl_eps = ((eps - eps_pre) ** 2).flatten(1).sum(1).mean()
+        loss = regression + cfg.kl * kl_eps
+        acc.backward(loss / n_steps)
+    return dict(loss=loss.item(), regression=regression.item(), kl_eps=kl_eps.item(),
+                kl=transition_kl(cur.mean.detach(), pre.mean, cur.std).mean().item() * N)

@@ -14,6 +14,12 @@ attributes back from any of them. A patterned background alternates its colour w
 it (black with a dark grey). The shape's colour always differs from the background's. The shape sits
 near the centre (jittered by up to 3 px) and is rendered 2x supersampled, so its edges are anti-aliased.
 
+What the prompt does not name varies from image to image, as in real data: the saturation of the shape's
+and of the background's colour (each drawn in [SATURATION]), the pattern's contrast (its second tone
+drawn in [DARK]) and its period and direction, the size within its class, the position. So a prompt has
+many images, and rewards that read colour or detail (colourfulness, JPEG size) vary between them: what
+a fine-tuned adapter can move.
+
 Images: (N, 3, 32, 32) float32 RGB in [0, 1]. Everything is a function of a seed: training draws from
 seeds >= 0 (:data:`TRAIN_SEED`), held-out evaluations from :data:`HELDOUT_SEED`.
 """
@@ -40,6 +46,8 @@ RGB = {
 }
 RADIUS = {"small": (4.5, 6.0), "large": (9.0, 11.5)}  # half-size range in pixels
 JITTER = 3  # max centre offset in pixels
+SATURATION = (0.4, 1.0)  # a colour's saturation: grey + s * (colour - grey), s uniform in this range
+DARK = (0.2, 0.8)  # a patterned background's second tone: this factor times its colour (black: this times 0.6)
 SUPERSAMPLE = 2
 TRAIN_SEED = 0
 # The colour model's default prompts (demo, calibration, adapters, sweeps): every shape, colour, size,
@@ -76,6 +84,18 @@ def _rgb(names: Sequence[str], idx: torch.Tensor) -> torch.Tensor:
     return table[idx][:, :, None, None]  # (n, 3, 1, 1)
 
 
+def _uniform(n: int, bounds: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    lo, hi = bounds
+    return (lo + (hi - lo) * torch.rand(n, generator=g))[:, None, None, None]  # (n, 1, 1, 1)
+
+
+def _desaturate(rgb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """grey + s * (rgb - grey), grey the colour's mean: s = 1 keeps it, s = 0 gives its grey (white, black and
+    grey are unchanged)."""
+    grey = rgb.mean(1, keepdim=True)
+    return grey + s * (rgb - grey)
+
+
 def _shape_mask(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """(n, H, W) bool: inside the shape, from offsets to its centre (pixels) and half-sizes r (n, 1, 1)."""
     circle = dx ** 2 + dy ** 2 <= r ** 2
@@ -88,10 +108,11 @@ def _shape_mask(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torc
 
 def _background(attrs: Mapping[str, torch.Tensor], size: int, g: torch.Generator) -> torch.Tensor:
     n = len(attrs["pattern"])
-    base = _rgb(BACKGROUNDS, attrs["background"])
-    dark = torch.where(base.mean(1, keepdim=True) < 0.1, torch.full_like(base, 0.3), 0.45 * base)
+    base = _desaturate(_rgb(BACKGROUNDS, attrs["background"]), _uniform(n, SATURATION, g))
+    k = _uniform(n, DARK, g)
+    dark = torch.where(base.mean(1, keepdim=True) < 0.1, 0.6 * k.expand_as(base), k * base)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    period = torch.randint(3, 5, (n, 1, 1), generator=g)  # stripe / check width in pixels
+    period = torch.randint(2, 6, (n, 1, 1), generator=g)  # stripe / check width in pixels: 2 to 5
     vertical = torch.rand(n, 1, 1, generator=g) < 0.5
     stripes = torch.where(vertical, (xx // period) % 2, (yy // period) % 2).bool()
     checks = ((xx // period + yy // period) % 2).bool()
@@ -114,7 +135,8 @@ def render(attrs: Mapping[str, torch.Tensor], g: torch.Generator, size: int = IM
     dx, dy = torch.broadcast_tensors(dx, dy)  # (n, H*s, W*s)
     mask = _shape_mask(attrs["shape"], dx, dy, r[:, None, None]).float()
     cover = torch.nn.functional.avg_pool2d(mask[:, None], s)  # (n, 1, size, size) anti-aliased coverage
-    img = cover * _rgb(COLOURS, attrs["colour"]) + (1 - cover) * _background(attrs, size, g)
+    colour = _desaturate(_rgb(COLOURS, attrs["colour"]), _uniform(n, SATURATION, g))
+    img = cover * colour + (1 - cover) * _background(attrs, size, g)
     return img.clamp(0, 1)
 
 
