@@ -362,6 +362,11 @@ def _adapter_checks(recs, pair) -> list[str]:
                      for k in keys]) / sd_half
         label = pair[0] if w2 == 0 else pair[1] if w2 == 1 else f"MORL oracle w = {w2:g}"
         rows.append(f"| {label} | " + " | ".join(f"{c:+.2f}" for c in ch) + f" | {g:+.2f} | {len(keys)} |")
+    from diffblend.evaluate.analysis import reward_correlations
+
+    c = reward_correlations(recs, pair[0], pair[1])
+    rows += ["", f"The pair on the base's {c['n']} images ({c['prompts']} prompts): Pearson r {c['across']:+.2f} across "
+                 f"images, {c['within']:+.2f} within prompts (each prompt's mean removed; negative = in conflict)."]
     return rows
 
 

@@ -60,3 +60,22 @@ def test_embedded_models_by_name_and_the_default_switch():
     finally:
         use_default_model(previous)
     assert default_model().name == previous
+
+
+def test_evaluate_runs_on_the_colour_model_with_its_defaults(tmp_path, capsys):
+    """python -m diffblend.train.evaluate on the colour model (its conditioning is a dict, its defaults the
+    model's prompts, demo pair and reported reward): one image per prompt, 2 steps, a shipped adapter."""
+    import json
+
+    from diffblend.registry import default_model
+    from diffblend.train.evaluate import main as evaluate_main
+
+    d = default_model("colour").adapters_dir
+    out = tmp_path / "e.json"
+    assert evaluate_main(["--model", "colour", "--adapter", f"c={d / 'colourfulness.safetensors'}", "--per-prompt",
+                          "1", "--steps", "2", "--calibration", str(d / "calibration.json"), "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["rewards"] == ["colourfulness", "jpeg_compressibility", "prompt_alignment"]
+    assert res["settings"]["guidance_scale"] == 3.0 and len(res["settings"]["prompts"]) == 10
+    assert set(res["results"]) == {"base", "c"} and res["results"]["c"]["kl_path"] > 0
+    assert "base sd units" in capsys.readouterr().out

@@ -141,6 +141,35 @@ def paired_difference(records: Iterable[Mapping], a: str, b: str, weights: Mappi
     return {"diff": m, "lo": m - h, "hi": m + h, "n": len(d)}
 
 
+def reward_correlations(records: Iterable[Mapping], a: str, b: str, method: str = "base",
+                        weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """How two rewards go together on one setting's images (default the base's).
+
+    ``{"across": Pearson r over all images, "within": Pearson r after removing each prompt's mean (how they go
+    together between the images of one prompt: what an adapter, which reweights those, meets), "n", "prompts"}``;
+    NaN where a correlation is undefined (fewer than 2 images or no spread).
+    """
+    sel = select(list(records), method, weights, any_lambda=True)
+    if not sel:
+        return {"across": float("nan"), "within": float("nan"), "n": 0, "prompts": 0}
+    keys = sorted(sel)
+    x = np.array([sel[k]["rewards"][a] for k in keys], dtype=float)
+    y = np.array([sel[k]["rewards"][b] for k in keys], dtype=float)
+    prompts = [k[0] for k in keys]
+    xc, yc = x.copy(), y.copy()
+    for p in set(prompts):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        xc[idx] -= x[idx].mean()
+        yc[idx] -= y[idx].mean()
+
+    def pearson(u: np.ndarray, v: np.ndarray) -> float:
+        u, v = u - u.mean(), v - v.mean()
+        den = float(np.sqrt((u ** 2).sum() * (v ** 2).sum()))
+        return float((u * v).sum() / den) if den > 0 else float("nan")
+
+    return {"across": pearson(x, y), "within": pearson(xc, yc), "n": len(keys), "prompts": len(set(prompts))}
+
+
 def weight_grid_of(records: Iterable[Mapping], method: str = "mpa") -> list[dict[str, float]]:
     """The distinct weight vectors a method was run at, sorted by their values."""
     seen = {}

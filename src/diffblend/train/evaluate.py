@@ -24,6 +24,7 @@ from .dpok import evaluate_transition, rollout, transition_kl
 from .lora import add_lora, base_model, load_lora_file, set_lora_state_dict
 from .policy import DiffusionPolicy, unet_denoiser
 from .trainer import sample_generators
+from ..core.sampling import map_cond
 from .._io import atomic_write_text
 
 __all__ = ["evaluate_adapters", "main"]
@@ -33,7 +34,7 @@ __all__ = ["evaluate_adapters", "main"]
 def _evaluate(policy: DiffusionPolicy, rewards: Mapping[str, object], prompts: Sequence[str], seed: int,
               num_steps: int, guidance_scale: float, with_kl: bool) -> dict:
     den = unet_denoiser(policy.unet)
-    uncond = policy.encode([""]).to(policy.device) if guidance_scale != 1.0 else None
+    uncond = map_cond(policy.uncond(), lambda v: v.to(policy.device)) if guidance_scale != 1.0 else None
     kw = dict(eta=1.0, guidance_scale=guidance_scale, uncond=uncond)
     ro = rollout(den, policy, prompts, sample_generators(seed, 0, 0, len(prompts)), num_steps=num_steps, **kw)
     out: dict[str, float] = {}
