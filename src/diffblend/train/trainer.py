@@ -362,7 +362,7 @@ def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, p
             _record(cfg, run_dir, row, epoch + 1, epochs.stop, run.unet, run.opt, run.gen)
         acc.wait_for_everyone()
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")  # both algorithms log kl
+        bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row['kl']:.3g}")
     bar.close()
     return rows
 
@@ -469,7 +469,7 @@ def _rwr_update(run: _Run, ro, weights: torch.Tensor) -> dict:
             for i in torch.randperm(N, generator=run.gen)[:run.n_train].tolist():
                 noise = torch.randn((len(rows), *x0.shape[1:]), generator=run.gen, dtype=x0.dtype).to(x0.device)
                 x_t = policy.add_noise(x0[rows], noise, pairs[i][0].to(x0.device))
-                draws.append((i, x_t, noise, _rwr_eps(run, ro, rows, i, pairs[i], x_t, run.plain_model)))
+                draws.append((i, x_t, noise, _rwr_eps(run, ro, rows, pairs[i], x_t)))
             plan.append((rows, draws))
     means = _Means()
     for rows, draws in plan:
@@ -483,10 +483,10 @@ def _rwr_update(run: _Run, ro, weights: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _rwr_eps(run: _Run, ro, rows, i: int, pair, x_t: torch.Tensor, model) -> torch.Tensor:
-    """The guided noise estimate of ``model`` at the noised images ``x_t`` of grid point ``i`` (no grad)."""
+def _rwr_eps(run: _Run, ro, rows, pair, x_t: torch.Tensor) -> torch.Tensor:
+    """The current model's guided noise estimate at the noised images ``x_t`` of the grid step ``pair``."""
     cond = map_cond(ro.cond, lambda v: v[rows])
-    return evaluate_transition(model, run.policy, x_t, pair[0], pair[1], x_t, cond, **run.g_kw)[1]
+    return evaluate_transition(run.plain_model, run.policy, x_t, pair[0], pair[1], x_t, cond, **run.g_kw)[1]
 
 
 def _rwr_step_loss(run: _Run, ro, weights, rows, i: int, pair, x_t, noise, anchor, n_steps: int, sync: bool) -> dict:
