@@ -23,7 +23,7 @@ from typing import Any
 from diffblend.core import ddim_step, randn
 from diffblend.core.sampling import map_cond
 
-__all__ = ["Rollouts", "rollout", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
+__all__ = ["Rollouts", "rollout", "per_prompt_rewards", "prompt_groups", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
            "transition_kl", "step_weight"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,18 +77,28 @@ def rollout(denoiser: Denoiser, policy, prompts: Sequence[str], generators: Sequ
                     log_probs=out.log_probs, images=policy.decode(out.sample).float(), grid=grid)
 
 
+def per_prompt_rewards(rewards: Any, prompts: Sequence[str], dtype: torch.dtype) -> torch.Tensor:
+    """The rewards as a flat (B,) tensor of ``dtype``; ValueError unless there is one per prompt."""
+    rewards = torch.as_tensor(rewards, dtype=dtype).reshape(-1)
+    if rewards.shape[0] != len(prompts):
+        raise ValueError(f"rewards has {rewards.shape[0]} entries for {len(prompts)} prompts")
+    return rewards
+
+
+def prompt_groups(prompts: Sequence[str]) -> list[torch.Tensor]:
+    """The indices of each distinct prompt's samples, in order of first appearance."""
+    return [torch.tensor([i for i, q in enumerate(prompts) if q == p]) for p in dict.fromkeys(prompts)]
+
+
 def per_prompt_advantages(rewards: torch.Tensor, prompts: Sequence[str], eps: float = 1e-6) -> torch.Tensor:
     """(r - mean_p) / (std_p + eps) within each prompt's group of samples; (B,).
 
     A reward that every sample of a prompt shares gives advantage 0 to all of them (nothing to
     learn from that group). Groups of one sample use the batch's mean and std instead.
     """
-    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
-    if rewards.shape[0] != len(prompts):
-        raise ValueError(f"rewards has {rewards.shape[0]} entries for {len(prompts)} prompts")
+    rewards = per_prompt_rewards(rewards, prompts, torch.float32)
     adv = torch.empty_like(rewards)
-    for p in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+    for idx in prompt_groups(prompts):
         group = rewards[idx] if len(idx) > 1 else rewards
         adv[idx] = (rewards[idx] - group.mean()) / (group.std(unbiased=False) + eps)
     return adv

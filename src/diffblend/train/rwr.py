@@ -38,6 +38,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .dpok import per_prompt_rewards, prompt_groups
+
 __all__ = ["rwr_weights", "weighted_denoising_loss", "effective_sample_size"]
 
 
@@ -56,12 +58,9 @@ def rwr_weights(rewards: torch.Tensor, prompts: Sequence[str], beta: float, min_
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not 0.0 <= min_ess < 1.0:
         raise ValueError(f"min_ess must be in [0, 1), got {min_ess!r}")
-    rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
-    if rewards.shape[0] != len(prompts):
-        raise ValueError(f"rewards has {rewards.shape[0]} entries for {len(prompts)} prompts")
+    rewards = per_prompt_rewards(rewards, prompts, torch.float64)
     w = torch.empty_like(rewards)
-    for p in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+    for idx in prompt_groups(prompts):
         w[idx] = _group_weights(rewards[idx], beta, min_ess)
     return w.float()
 
