@@ -66,7 +66,8 @@ def test_weights_refuse_rewards_and_prompts_of_different_lengths():
 
 def test_weighted_denoising_loss_is_the_weighted_sum_of_squares():
     g = torch.Generator().manual_seed(0)
-    eps, noise, w = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g), torch.rand(3, generator=g)
+    eps, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    w = torch.rand(3, generator=g)
     hand = sum(w[b] * ((eps[b] - noise[b]) ** 2).sum() for b in range(3)) / 3
     assert weighted_denoising_loss(eps, noise, w).item() == pytest.approx(hand.item(), rel=1e-6)
 

@@ -23,8 +23,8 @@ from typing import Any
 from diffblend.core import ddim_step, randn
 from diffblend.core.sampling import map_cond
 
-__all__ = ["Rollouts", "rollout", "per_prompt_rewards", "prompt_groups", "per_prompt_advantages", "evaluate_transition", "ppo_loss",
-           "transition_kl", "step_weight"]
+__all__ = ["Rollouts", "rollout", "per_prompt_rewards", "prompt_groups", "per_prompt_advantages",
+           "evaluate_transition", "ppo_loss", "transition_kl", "step_weight"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

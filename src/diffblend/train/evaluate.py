@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         list(dict.fromkeys([*(embedded.demo_pair or ()), *embedded.report_rewards])) if embedded else [])
     if not rewards:
         p.error("--rewards: give the rewards to score")
-    guidance = args.guidance_scale if args.guidance_scale is not None else (embedded.guidance_scale if embedded else 2.0)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (
+        embedded.guidance_scale if embedded else 2.0)
     t0 = time.perf_counter()
     res = evaluate_adapters(load_policy(args.model, "cpu"), adapters, rewards, prompts=prompts,
                             per_prompt=args.per_prompt, seed=args.seed, num_steps=args.steps, guidance_scale=guidance)
