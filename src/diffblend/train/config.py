@@ -17,7 +17,8 @@ DIGIT_PROMPTS = tuple(str(d) for d in range(10))  # the embedded default model's
 
 @dataclass
 class FinetuneConfig:
-    """RL fine-tuning (DPOK, or reward-weighted regression) of one LoRA adapter for one reward (or one weighted reward, MORL).
+    """RL fine-tuning (DPOK, or reward-weighted regression) of one LoRA adapter for one reward (or one weighted
+    reward, MORL).
 
     Every field has its unit. "epoch" = one round of rollouts followed by the policy updates on them.
     """
