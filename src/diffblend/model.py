@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .core.flow import flow_sde_step, sample_flow
-from .core.sampling import NoiseSchedule, SampleOutput, StepOutput, cfg_denoiser, ddim_step, map_cond, sample
+from .core.sampling import (NoiseSchedule, SampleOutput, StepOutput, _bcast, cfg_denoiser, ddim_step, map_cond,
+                            sample)
 
 __all__ = ["DiffusionModel", "network_denoiser", "cond_kwargs"]
 
@@ -69,11 +70,6 @@ def _embedded_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoiser:
 
     guided.blend = getattr(denoiser, "blend", None)  # type: ignore[attr-defined]
     return guided
-
-
-def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) coefficient, broadcastable against ``like`` (B, ...)."""
-    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
 
 
 @dataclass
@@ -206,14 +202,14 @@ class DiffusionModel:
     def to_eps(self, pred: torch.Tensor, x_t: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
         """The noise estimate of a prediction (flow: eps = x + (1 - sigma) v); point scalar or (B,)."""
         if self.is_flow:
-            return x_t + _per_row(1 - torch.as_tensor(point).to(x_t), x_t) * pred
+            return x_t + (1 - _bcast(point, x_t)) * pred
         return self.schedule.to_eps_x0(pred, x_t, point)[0]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
         """The forward process at grid points (scalar or (B,)): VP sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise;
         flow (1 - sigma) x0 + sigma noise."""
         if self.is_flow:
-            sigma = _per_row(torch.as_tensor(point).to(x0), x0)
+            sigma = _bcast(point, x0)
             return (1 - sigma) * x0 + sigma * noise
         return self.schedule.add_noise(x0, noise, point)
 

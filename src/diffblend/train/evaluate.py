@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in res.items():
         print(name.ljust(28) + "".join((f"{r[c]:.4f}" if c in r else "-").rjust(22) for c in cols))
     if args.calibration:
-        sd = {k: v["std"] for k, v in json.loads(open(args.calibration).read())["rewards"].items()}
+        from ..rewards.calibration import load_calibration
+
+        sd = {k: v["std"] for k, v in load_calibration(args.calibration).items()}
         print("change from the base in base sd units (" + args.calibration + "):")
         for name, r in res.items():
             if name != "base":

@@ -402,19 +402,30 @@ def _update(run: _Run, ro, signal: torch.Tensor) -> dict:
     weights = [step_weight(policy, t, prev_t, run.g_kw["eta"]) if cfg.step_weighting == "pred" else 1.0
                for t, prev_t in pairs]
     means = _Means()
-    for _ in range(cfg.inner_epochs):
-        perm = torch.randperm(B, generator=run.gen)
-        for start in range(0, B, cfg.minibatch_size):
-            rows = perm[start:start + cfg.minibatch_size].to(ro.latents.device)
-            steps = torch.randperm(N, generator=run.gen)[:run.n_train].tolist()
-            for k, i in enumerate(steps):
-                # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
-                last = k == len(steps) - 1
-                means.add(**_step_loss(run, ro, signal, rows, i, pairs[i], weights[i], len(steps), sync=last))
-            means.add(grad_norm=run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm))
-            run.opt.step()
-            run.opt.zero_grad(set_to_none=True)
+    for rows, steps in _minibatches(run, B, N, ro.latents.device):
+        for k, i in enumerate(steps):
+            # accumulate over the trajectory's steps; all-reduce the gradients once, at the last
+            last = k == len(steps) - 1
+            means.add(**_step_loss(run, ro, signal, rows, i, pairs[i], weights[i], len(steps), sync=last))
+        _optimizer_step(run, means)
     return means.means()
+
+
+def _minibatches(run: _Run, B: int, N: int, device):
+    """The epoch's minibatches, drawn from ``run.gen``: per pass (cfg.inner_epochs) a permutation of the B
+    rollouts cut into minibatches, each with its ``run.n_train`` random steps of the N; yields (rows, steps)."""
+    for _ in range(run.cfg.inner_epochs):
+        perm = torch.randperm(B, generator=run.gen)
+        for start in range(0, B, run.cfg.minibatch_size):
+            rows = perm[start:start + run.cfg.minibatch_size].to(device)
+            yield rows, torch.randperm(N, generator=run.gen)[:run.n_train].tolist()
+
+
+def _optimizer_step(run: _Run, means: _Means) -> None:
+    """Clip the accumulated gradients (their norm goes to ``means``), one AdamW step, clear them."""
+    means.add(grad_norm=run.acc.clip_grad_norm_(run.params, run.cfg.max_grad_norm))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
@@ -456,29 +467,24 @@ def _rwr_update(run: _Run, ro, weights: torch.Tensor) -> dict:
     """RWR's epoch of updates (see :func:`_update`): first every draw of the epoch (per pass and minibatch,
     ``run.n_train`` grid points, each with fresh noise for its images) and the anchor of each, the prediction
     of the model that drew the images (``train/rwr.py``), then one AdamW step per minibatch."""
-    cfg, policy = run.cfg, run.policy
+    policy = run.policy
     B, N = ro.latents.shape[1], ro.latents.shape[0] - 1
     pairs = list(policy.pairs(ro.grid if ro.grid is not None else ro.timesteps))
     x0 = ro.latents[-1]
     plan = []
-    for _ in range(cfg.inner_epochs):
-        perm = torch.randperm(B, generator=run.gen)
-        for start in range(0, B, cfg.minibatch_size):
-            rows = perm[start:start + cfg.minibatch_size].to(x0.device)
-            draws = []
-            for i in torch.randperm(N, generator=run.gen)[:run.n_train].tolist():
-                noise = torch.randn((len(rows), *x0.shape[1:]), generator=run.gen, dtype=x0.dtype).to(x0.device)
-                x_t = policy.add_noise(x0[rows], noise, pairs[i][0].to(x0.device))
-                draws.append((i, x_t, noise, _rwr_eps(run, ro, rows, pairs[i], x_t)))
-            plan.append((rows, draws))
+    for rows, steps in _minibatches(run, B, N, x0.device):
+        draws = []
+        for i in steps:
+            noise = torch.randn((len(rows), *x0.shape[1:]), generator=run.gen, dtype=x0.dtype).to(x0.device)
+            x_t = policy.add_noise(x0[rows], noise, pairs[i][0].to(x0.device))
+            draws.append((i, x_t, noise, _rwr_eps(run, ro, rows, pairs[i], x_t)))
+        plan.append((rows, draws))
     means = _Means()
     for rows, draws in plan:
         for k, (i, x_t, noise, anchor) in enumerate(draws):
             means.add(**_rwr_step_loss(run, ro, weights, rows, i, pairs[i], x_t, noise, anchor, len(draws),
                                        sync=k == len(draws) - 1))
-        means.add(grad_norm=run.acc.clip_grad_norm_(run.params, cfg.max_grad_norm))
-        run.opt.step()
-        run.opt.zero_grad(set_to_none=True)
+        _optimizer_step(run, means)
     return means.means()
 
 
