@@ -50,14 +50,13 @@ SATURATION = (0.4, 1.0)  # a colour's saturation: grey + s * (colour - grey), s 
 DARK = (0.2, 0.8)  # a patterned background's second tone: this factor times its colour (black: this times 0.6)
 SUPERSAMPLE = 2
 TRAIN_SEED = 0
-# The colour model's default prompts (demo, calibration, adapters, sweeps): every shape, colour, size,
-# pattern and most backgrounds, each a full prompt.
+# The colour model's default prompts (demo, calibration, adapters, sweeps): every shape and colour, both sizes,
+# the background left to the model. What a prompt leaves open is what a reward can choose: on the base's
+# images at CFG 3 the sd of colourfulness within one of these prompts is 0.47 of its sd over all of them (0.19
+# for full prompts, where the prompt fixes both colours), of JPEG size 0.80 (0.35): docs/colour_default.md.
 DEFAULT_PROMPTS = (
-    "a large red circle on a striped blue background", "a small yellow square on a checkered purple background",
-    "a large white triangle on a plain green background", "a small blue diamond on a striped yellow background",
-    "a large orange square on a checkered grey background", "a small green circle on a plain black background",
-    "a large purple diamond on a striped white background", "a small red triangle on a checkered green background",
-    "a large blue circle on a plain yellow background", "a small white square on a striped red background",
+    "a red circle", "a blue square", "a yellow triangle", "a green diamond", "a white circle", "a purple square",
+    "an orange triangle", "a small red diamond", "a large blue circle", "a small white triangle",
 )
 HELDOUT_SEED = 10_000_019
 
