@@ -52,8 +52,9 @@ SUPERSAMPLE = 2
 TRAIN_SEED = 0
 # The colour model's default prompts (demo, calibration, adapters, sweeps): every shape and colour, both sizes,
 # the background left to the model. What a prompt leaves open is what a reward can choose: on the base's
-# images at CFG 3 the sd of colourfulness within one of these prompts is 0.47 of its sd over all of them (0.19
-# for full prompts, where the prompt fixes both colours), of JPEG size 0.80 (0.35): docs/colour_default.md.
+# images at CFG 3 the sd of colourfulness within one of these prompts is 0.50 of its sd over all of them (0.18
+# for full prompts, where the prompt fixes both colours), of JPEG size 0.81 (0.27):
+# benchmarks/colour_prompt_freedom.py, docs/colour_default.md.
 DEFAULT_PROMPTS = (
     "a red circle", "a blue square", "a yellow triangle", "a green diamond", "a white circle", "a purple square",
     "an orange triangle", "a small red diamond", "a large blue circle", "a small white triangle",
@@ -61,6 +62,7 @@ DEFAULT_PROMPTS = (
 HELDOUT_SEED = 10_000_019
 
 __all__ = ["IMAGE_SIZE", "DEFAULT_PROMPTS", "ATTRIBUTES", "SHAPES", "COLOURS", "SIZES", "PATTERNS", "BACKGROUNDS", "sample_attributes",
+           "redraw_clashing_backgrounds",
            "render", "make_batch", "prompt_for", "parse_prompt", "vocabulary_words", "attribute_targets"]
 
 
@@ -69,13 +71,20 @@ def sample_attributes(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     out = {k: torch.randint(0, len(v), (n,), generator=g) for k, v in ATTRIBUTES.items()}
-    same = torch.tensor([COLOURS[c] == BACKGROUNDS[b] for c, b in zip(out["colour"], out["background"])],
-                        dtype=torch.bool)
-    while same.any():  # redraw the background where it equals the shape's colour
-        out["background"][same] = torch.randint(0, len(BACKGROUNDS), (int(same.sum()),), generator=g)
-        same = torch.tensor([COLOURS[c] == BACKGROUNDS[b] for c, b in zip(out["colour"], out["background"])],
+    return redraw_clashing_backgrounds(out, g)
+
+
+def redraw_clashing_backgrounds(attrs: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Redraw (in place, uniformly) each background whose colour equals the shape's, until none does."""
+    def clashes() -> torch.Tensor:
+        return torch.tensor([COLOURS[c] == BACKGROUNDS[b] for c, b in zip(attrs["colour"], attrs["background"])],
                             dtype=torch.bool)
-    return out
+
+    same = clashes()
+    while same.any():
+        attrs["background"][same] = torch.randint(0, len(BACKGROUNDS), (int(same.sum()),), generator=g)
+        same = clashes()
+    return attrs
 
 
 def _rgb(names: Sequence[str], idx: torch.Tensor) -> torch.Tensor:

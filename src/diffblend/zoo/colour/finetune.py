@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ..._io import atomic_write_json
-from .data import ATTRIBUTES, prompt_for, render, sample_attributes
+from ..train_base import _lr_factor
+from .data import prompt_for, redraw_clashing_backgrounds, render, sample_attributes
 from .train import diffusion_loss
 
 __all__ = ["FilteredConfig", "draw_candidates", "keep_best", "finetune_filtered"]
@@ -84,12 +85,7 @@ def draw_candidates(batch_size: int, candidates: int, g: torch.Generator,
         attrs[k] = slots[k].repeat_interleave(candidates)
     size = slots["size"].repeat_interleave(candidates)
     attrs["size"] = torch.where(named_size.repeat_interleave(candidates), size, attrs["size"])
-    clash = torch.tensor([ATTRIBUTES["colour"][c] == ATTRIBUTES["background"][b]
-                          for c, b in zip(attrs["colour"], attrs["background"])], dtype=torch.bool)
-    while clash.any():  # the shape's colour differs from the background's, as in the base's data
-        attrs["background"][clash] = torch.randint(0, len(ATTRIBUTES["background"]), (int(clash.sum()),), generator=g)
-        clash = torch.tensor([ATTRIBUTES["colour"][c] == ATTRIBUTES["background"][b]
-                              for c, b in zip(attrs["colour"], attrs["background"])], dtype=torch.bool)
+    redraw_clashing_backgrounds(attrs, g)  # the shape's colour differs from the background's, as in the base's data
     prompts = []
     for i in range(batch_size):
         named = ["shape", "colour"] + (["size"] if bool(named_size[i]) else [])
@@ -103,13 +99,6 @@ def keep_best(scores: torch.Tensor, candidates: int) -> torch.Tensor:
         raise ValueError(f"scores must be (B * {candidates},), got {tuple(scores.shape)}")
     s = torch.nan_to_num(scores.float(), nan=-math.inf).view(-1, candidates)
     return s.argmax(1) + torch.arange(s.shape[0]) * candidates
-
-
-def _lr_factor(step: int, cfg: FilteredConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
