@@ -29,7 +29,7 @@ whose minimiser is eps_old + (E[w eps | x_t] - E[eps | x_t]) / E[w | x_t]: the m
 
 Why it is here: on the colour model, DPOK's policy gradient (the reward times a score-function term of
 thousands of dimensions per transition) moved the rewards by 0.1-0.2 base sd in the CPU budget; RWR moved
-colourfulness by 0.74 sd (but JPEG size by 0.12): src/diffblend/zoo/colour_adapters/README.md.
+colourfulness by 0.74 sd (but JPEG size by 0.12), and at CFG 3 its JPEG run diverged: docs/colour_default.md.
 """
 
 from __future__ import annotations
