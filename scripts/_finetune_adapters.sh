@@ -1,4 +1,4 @@
-# Sourced by make_adapters.sh and make_colour_adapters.sh. finetune_adapters: fine-tune each entry of ADAPTERS
+# Sourced by make_adapters.sh. finetune_adapters: fine-tune each entry of ADAPTERS
 # ("name|reward|alpha") whose name contains ONLY (every entry when ONLY is empty) into OUT/name.safetensors,
 # with its run in RUNS/name (resumed when it has checkpoints) and the shared options COMMON.
 finetune_adapters() {
