@@ -82,16 +82,22 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does_and_diffusers_reads_
     with pytest.raises(ValueError, match="settings differ"):
         finetune_filtered(_tiny_cfg(lr=1e-2), tmp_path / "b", tmp_path / "b.safetensors", pipe=load_pipeline(base),
                           resume=True)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a row the killed run logged after its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 0.0, "kept": 0.0, "all": 0.0, "seconds": 0.0}) + "\n")
     finetune_filtered(_tiny_cfg(), tmp_path / "b", tmp_path / "b.safetensors", pipe=load_pipeline(base),
                       resume=True, progress=False)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    finetune_filtered(_tiny_cfg(), tmp_path / "b", tmp_path / "b.safetensors", pipe=load_pipeline(base),
+                      resume=True, progress=False)  # a finished run: the file again, the summary kept
+    assert json.loads((tmp_path / "b" / "summary.json").read_text()) == summary
     a, _ = load_lora_file(tmp_path / "a.safetensors")
     b, _ = load_lora_file(tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
     for k in a:  # same steps, same draws: the same adapter (up to float summation order)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["kept"] >= r["all"] - 1e-6 and math.isfinite(r["loss"]) for r in rows)  # the best of each group
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stale row 3 was dropped, not kept beside the new one
+    assert all(r["kept"] >= r["all"] - 1e-6 and r["loss"] > 0 and math.isfinite(r["loss"]) for r in rows)  # the best of each group
 
     pipe = load_pipeline(base)  # diffusers' own loader reads the file
     pipe.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")

@@ -101,6 +101,18 @@ def keep_best(scores: torch.Tensor, candidates: int) -> torch.Tensor:
     return s.argmax(1) + torch.arange(s.shape[0]) * candidates
 
 
+def _drop_rows_after(metrics: Path, step: int) -> None:
+    """Keep the rows of ``metrics`` (JSON lines) up to ``step``, rewritten atomically."""
+    if not metrics.is_file():
+        return
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        from ..._io import atomic_write_text
+
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -153,6 +165,7 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
         step = int(state["step"])
+        _drop_rows_after(run / "metrics.jsonl", step)  # logged after the checkpoint by the killed run: redone now
     T = pipe.scheduler.config.num_train_timesteps
     end = cfg.steps if stop_after is None else min(cfg.steps, step + int(stop_after))
     pipe.unet.train()
@@ -194,6 +207,8 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
     if step < cfg.steps:
         return {"steps": step, "seconds": round(time.time() - t0, 1), "adapter": None}
     save_lora(pipe.unet, out, pipeline_class=type(pipe))
+    if not rows:  # resumed a finished run: the adapter is written again, its summary stays
+        return {"steps": step, "seconds": 0.0, "adapter": str(out)}
     summary = {"steps": step, "seconds": round(time.time() - t0, 1), "adapter": str(out),
                "kept_reward_mean": sum(r["kept"] for r in rows[-50:]) / max(1, len(rows[-50:])),
                "candidate_reward_mean": sum(r["all"] for r in rows[-50:]) / max(1, len(rows[-50:]))}
