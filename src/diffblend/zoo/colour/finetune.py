@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..._io import atomic_write_json
-from ..train_base import _lr_factor
+from ..._io import atomic_write, atomic_write_json
+from ..train_base import _lr_factor, _truncate_metrics
 from .data import prompt_for, redraw_clashing_backgrounds, render, sample_attributes
 from .train import diffusion_loss
 
@@ -101,24 +100,6 @@ def keep_best(scores: torch.Tensor, candidates: int) -> torch.Tensor:
     return s.argmax(1) + torch.arange(s.shape[0]) * candidates
 
 
-def _drop_rows_after(metrics: Path, step: int) -> None:
-    """Keep the rows of ``metrics`` (JSON lines) up to ``step``, rewritten atomically."""
-    if not metrics.is_file():
-        return
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        from ..._io import atomic_write_text
-
-        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path, pipe: Any = None,
                       resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) a filtered LoRA into ``run_dir``, write it to ``out`` (.safetensors); returns a summary.
@@ -165,7 +146,7 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
         step = int(state["step"])
-        _drop_rows_after(run / "metrics.jsonl", step)  # logged after the checkpoint by the killed run: redone now
+        _truncate_metrics(run / "metrics.jsonl", step)  # logged after the checkpoint by the killed run: redone now
     T = pipe.scheduler.config.num_train_timesteps
     end = cfg.steps if stop_after is None else min(cfg.steps, step + int(stop_after))
     pipe.unet.train()
@@ -200,8 +181,9 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
                                       "seconds": round(time.time() - t0, 1)}) + "\n")
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == end:
-                _save_checkpoint(ckpt, {"lora": lora_state_dict(pipe.unet), "optimizer": opt.state_dict(),
-                                        "generator": g.get_state(), "step": step})
+                state = {"lora": lora_state_dict(pipe.unet), "optimizer": opt.state_dict(),
+                         "generator": g.get_state(), "step": step}
+                atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
     bar.close()
     pipe.unet.eval()
     if step < cfg.steps:
