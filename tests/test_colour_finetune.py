@@ -102,3 +102,44 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does_and_diffusers_reads_
     pipe = load_pipeline(base)  # diffusers' own loader reads the file
     pipe.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_the_finetune_command_runs_the_filtered_trainer_with_the_same_result(tmp_path, capsys):
+    """``diffblend finetune --algorithm filtered`` maps its settings onto this trainer: the same adapter as a
+    direct call with those settings (epochs = steps, prompts per epoch = prompts per step, samples = candidates)."""
+    from diffblend.cli import main
+    from diffblend.train.lora import load_lora_file
+
+    torch.set_num_threads(1)
+    args = ["finetune", "--algorithm", "filtered", "--model", "colour", "--reward", "colourfulness", "--kl", "0",
+            "--epochs", "3", "--prompts-per-epoch", "2", "--samples-per-prompt", "3", "--weight-decay", "0",
+            "--lr", "1e-2", "--seed", "4", "--run-dir", str(tmp_path / "cli"), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "reward of the kept scenes" in out and "(3 epochs" in out
+    cfg = FilteredConfig(reward="colourfulness", steps=3, batch_size=2, candidates=3, lr=1e-2, seed=4,
+                         checkpoint_every=5)
+    finetune_filtered(cfg, tmp_path / "direct", tmp_path / "direct.safetensors", progress=False)
+    assert json.loads((tmp_path / "cli" / "config.json").read_text()) == json.loads(
+        (tmp_path / "direct" / "config.json").read_text())
+    a, _ = load_lora_file(tmp_path / "cli" / "adapter.safetensors")
+    b, _ = load_lora_file(tmp_path / "direct.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--kl", "1"], "kl must be 0"),
+    (["--kl", "0", "--eta", "0.5"], "eta must be left at its default"),
+    (["--kl", "0", "--prompts", "a red circle"], "prompts must be left at its default"),
+    (["--kl", "0", "--model", "digits"], "model must be 'colour'"),
+])
+def test_the_finetune_command_names_what_filtered_does_not_take(extra, match, tmp_path, capsys):
+    from diffblend.cli import main
+
+    code = main(["finetune", "--algorithm", "filtered", "--reward", "colourfulness", "--run-dir",
+                 str(tmp_path / "r"), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

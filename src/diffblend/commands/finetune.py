@@ -1,4 +1,5 @@
-"""``diffblend finetune``: RL fine-tuning (DPOK) of one LoRA adapter for one reward or a weighted reward.
+"""``diffblend finetune``: fine-tuning of one LoRA adapter for one reward or a weighted reward (DPOK, RWR, or
+best-of-n filtered on the colour model).
 
 Works as is under ``accelerate launch`` (several processes / GPUs).
 """
@@ -24,9 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from ..train.config import FinetuneConfig
 
     p = subparsers.add_parser(
-        "finetune", help="RL fine-tuning (DPOK) of a LoRA adapter for a reward",
+        "finetune", help="RL fine-tuning (DPOK, RWR, best-of-n) of a LoRA adapter for a reward",
         description="Fine-tune a rank-r LoRA adapter of a diffusers model for a reward with DPOK-style policy "
-                    "gradient (PPO-clipped ratios, KL to the frozen base weighted by --kl). A weighted reward "
+                    "gradient (PPO-clipped ratios, KL to the frozen base weighted by --kl), reward-weighted regression "
+                    "(--algorithm rwr) or, on the colour model, best-of-n filtering of rendered scenes (--algorithm "
+                    "filtered, --kl 0). A weighted reward "
                     "NAME=W,NAME=W trains the MORL oracle. The run directory holds config.json, metrics.jsonl and "
                     "checkpoints; --resume continues a killed run. The adapter is a diffusers LoRA safetensors file. "
                     "Every setting of the run (FinetuneConfig) is an option below.")
@@ -50,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(**args.config_options.values(args))
     result = finetune(cfg, args.run_dir, resume=args.resume, output=args.output, progress=not args.no_progress)
     last = result.metrics[-1] if result.metrics else None
-    summary = f"; last epoch reward {last['reward_mean']:.4g}, KL {last['kl']:.3g} nats" if last else ""
+    if last is None:
+        summary = ""
+    elif cfg.algorithm == "filtered":
+        summary = f"; last steps' reward of the kept scenes {last['kept']:.4g} (all candidates {last['all']:.4g})"
+    else:
+        summary = f"; last epoch reward {last['reward_mean']:.4g}, KL {last['kl']:.3g} nats"
     print(f"adapter: {result.adapter} ({result.epochs} epochs{summary})")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -13,6 +14,12 @@ from .._io import atomic_write_text
 __all__ = ["FinetuneConfig", "DIGIT_PROMPTS"]
 
 DIGIT_PROMPTS = tuple(str(d) for d in range(10))  # the embedded default model's prompts
+
+# The settings that algorithm "filtered" reads (zoo/colour/finetune.py: epochs are its steps, prompts_per_epoch
+# its prompts per step, samples_per_prompt its candidates per prompt).
+FILTERED_SETTINGS = frozenset({"reward", "kl", "model", "calibration", "rank", "epochs", "prompts_per_epoch",
+                               "samples_per_prompt", "algorithm", "lr", "weight_decay", "max_grad_norm", "seed",
+                               "checkpoint_every"})
 
 
 @dataclass
@@ -53,8 +60,13 @@ class FinetuneConfig:
     # -- policy update (PPO-clipped policy gradient + KL to the frozen base) ---------------------
     algorithm: str = setting("dpok", "dpok: PPO-clipped policy gradient on the stored transitions (DPOK / DDPO); "
                                      "rwr: reward-weighted regression, the denoising loss on the epoch's own images "
-                                     "weighted by exp(r / rwr_beta) within each prompt's group (both with the KL term)",
-                             choices=("dpok", "rwr"))
+                                     "weighted by exp(r / rwr_beta) within each prompt's group (both with the KL term); "
+                                     "filtered: the colour model only: each epoch renders samples_per_prompt scenes "
+                                     "for each of prompts_per_epoch prompts of its default form, keeps the best "
+                                     "under the reward and takes one step of the base's own loss on them (best of n, "
+                                     "RAFT; zoo/colour/finetune.py): one epoch = one step, kl must be 0 and the "
+                                     "rollout settings stay at their defaults",
+                             choices=("dpok", "rwr", "filtered"))
     rwr_beta: float = setting(0.5, "rwr: temperature beta > 0 of the weights exp(r / beta), in reward units (one "
                                    "base sd under --calibration); each epoch tilts the model towards p exp(r / beta)")
     rwr_min_ess: float = setting(0.0, "rwr: a trust region, in [0, 1): a prompt's group whose weights would have an "
@@ -120,6 +132,13 @@ class FinetuneConfig:
         need(self.rwr_beta > 0, "rwr_beta", "> 0")
         need(0.0 <= self.rwr_min_ess < 1.0, "rwr_min_ess", "in [0, 1)")
         need(self.lr > 0, "lr", "> 0")
+        if self.algorithm == "filtered":
+            need(self.kl == 0, "kl", "0 with algorithm 'filtered' (no KL term: it trains on the base's own kind of "
+                                     "scenes)")
+            for f in fields(self):  # a setting the filtered trainer does not read must not look as if it did
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if f.name not in FILTERED_SETTINGS and getattr(self, f.name) != default:
+                    need(False, f.name, f"left at its default {default!r} with algorithm 'filtered' (unused by it)")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
 

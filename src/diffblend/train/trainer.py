@@ -313,6 +313,12 @@ def finetune(
         :class:`FinetuneResult`.
     """
     run_dir = Path(run_dir)
+    if cfg.algorithm == "filtered":
+        if policy is not None or reward_fn is not None or accelerator is not None:
+            raise ValueError("algorithm 'filtered' loads the colour model and its rewards itself and runs on the CPU: "
+                             "policy, reward_fn and accelerator must be None")
+        return _finetune_filtered(cfg, run_dir, resume=resume, output=output, progress=progress,
+                                  stop_after=stop_after)
     cfg = with_default_prompts(cfg)
     acc = _accelerator(cfg, accelerator)
     start_epoch, state, out = _prepare_run_dir(cfg, run_dir, output, resume)
@@ -331,6 +337,31 @@ def finetune(
         save_lora(run.unet, out, pipeline_class=policy.pipeline_class, component=policy.component)
     acc.wait_for_everyone()
     return FinetuneResult(adapter=out, epochs=end_epoch, metrics=rows)
+
+
+def _finetune_filtered(cfg: FinetuneConfig, run_dir: Path, *, resume: bool, output, progress: bool,
+                       stop_after: int | None) -> FinetuneResult:
+    """``algorithm="filtered"``: best-of-n fine-tuning of the colour model on its rendered scenes
+    (``zoo/colour/finetune.py``); its metrics rows (step, loss, kept, all: the reward of the kept scenes and of all
+    candidates) are this call's."""
+    import json
+
+    from ..generation import embedded_model
+    from ..zoo.colour.finetune import filtered_config, finetune_filtered
+
+    model = embedded_model(cfg.model)
+    if model is None or model.name != "colour":
+        raise ValueError(f"model must be 'colour' (or none while it is the default) with algorithm 'filtered', which "
+                         f"draws its candidates from that model's scene renderer; got {cfg.model!r}")
+    done = 0
+    if resume and (run_dir / "checkpoint.pt").is_file():
+        done = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"])
+    out = Path(output) if output is not None else run_dir / "adapter.safetensors"
+    summary = finetune_filtered(filtered_config(cfg), run_dir, out, resume=resume, progress=progress,
+                                stop_after=stop_after)
+    log = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return FinetuneResult(adapter=out, epochs=summary["steps"], metrics=[r for r in rows if r["step"] > done])
 
 
 def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, progress: bool) -> list[dict]:

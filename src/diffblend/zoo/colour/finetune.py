@@ -34,7 +34,7 @@ from ..train_base import _lr_factor, _truncate_metrics
 from .data import prompt_for, redraw_clashing_backgrounds, render, sample_attributes
 from .train import diffusion_loss
 
-__all__ = ["FilteredConfig", "draw_candidates", "keep_best", "finetune_filtered"]
+__all__ = ["FilteredConfig", "draw_candidates", "keep_best", "finetune_filtered", "filtered_config"]
 
 
 @dataclass
@@ -49,6 +49,7 @@ class FilteredConfig:
     size_prob: float = 0.5  # probability that a prompt names the size
     rank: int = 4  # LoRA rank
     lr: float = 3e-3  # peak AdamW learning rate; linear warm-up then cosine decay to 10 %
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     warmup_steps: int = 20
     grad_clip: float = 1.0
     prompt_dropout: float = 0.1  # as the base's training: CFG's unconditional input learns the kept scenes too
@@ -66,6 +67,8 @@ class FilteredConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if "=" in self.reward and not self.calibration:
             raise ValueError(f"reward {self.reward!r} weighs several rewards: give --calibration, so that each counts "
                              "in base sd units")
@@ -100,6 +103,16 @@ def keep_best(scores: torch.Tensor, candidates: int) -> torch.Tensor:
     return s.argmax(1) + torch.arange(s.shape[0]) * candidates
 
 
+def filtered_config(cfg: Any) -> FilteredConfig:
+    """The run that ``diffblend finetune --algorithm filtered`` means: a ``train.FinetuneConfig`` (checked there:
+    the settings this trainer does not read are at their defaults) mapped onto this trainer's settings; epochs
+    are steps, prompts_per_epoch the prompts per step, samples_per_prompt the candidates of each prompt."""
+    return FilteredConfig(reward=cfg.reward, calibration=cfg.calibration, steps=cfg.epochs,
+                          batch_size=cfg.prompts_per_epoch, candidates=cfg.samples_per_prompt, rank=cfg.rank,
+                          lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.max_grad_norm, seed=cfg.seed,
+                          checkpoint_every=cfg.checkpoint_every)
+
+
 def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path, pipe: Any = None,
                       resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) a filtered LoRA into ``run_dir``, write it to ``out`` (.safetensors); returns a summary.
@@ -123,7 +136,7 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
         raise FileExistsError(f"{run} already holds a run: pass --resume to continue it, or choose another RUN_DIR")
     run.mkdir(parents=True, exist_ok=True)
     if resume:
-        old = json.loads((run / "config.json").read_text())
+        old = {**asdict(FilteredConfig(reward="")), **json.loads((run / "config.json").read_text())}  # + new fields
         if old != asdict(cfg):
             diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if old.get(k) != v}
             raise ValueError(f"resume: the settings differ from the run's config.json (old, new): {diff}")
@@ -138,7 +151,7 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
     pipe.text_encoder.requires_grad_(False).eval()
     add_lora(pipe.unet, rank=cfg.rank, generator=torch.Generator().manual_seed(cfg.seed))
     params = lora_parameters(pipe.unet)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if resume:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -222,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FilteredConfig(reward=a.reward, calibration=a.calibration, steps=a.steps, batch_size=a.batch_size,
                          candidates=a.candidates, rank=a.rank, lr=a.lr, seed=a.seed)
     s = finetune_filtered(cfg, a.run_dir, a.output, resume=a.resume, progress=not a.no_progress)
-    print(f"{s['steps']} steps in {s['seconds']:.0f} s; reward of the kept scenes {s['kept_reward_mean']:.3f} "
-          f"(all candidates {s['candidate_reward_mean']:.3f}); adapter: {s['adapter']}")
+    rewards = (f"; reward of the kept scenes {s['kept_reward_mean']:.3f} (all candidates "
+               f"{s['candidate_reward_mean']:.3f})" if "kept_reward_mean" in s else "")  # none: resumed when done
+    print(f"{s['steps']} steps in {s['seconds']:.0f} s{rewards}; adapter: {s['adapter']}")
     return 0
 
 
