@@ -2,7 +2,7 @@
 # Re-make the adapters shipped with the colour default model (src/diffblend/zoo/colour_adapters):
 # the reward calibration of the base model, one LoRA adapter per reward of the demo pair
 # (colourfulness, jpeg_compressibility) and three MORL oracles on that pair, each by reward-filtered
-# fine-tuning on rendered scenes (python -m diffblend.zoo.colour.finetune), fixed seeds; then the manifest.
+# fine-tuning on rendered scenes (diffblend finetune --algorithm filtered), fixed seeds; then the manifest.
 #
 #   bash scripts/make_colour_adapters.sh                 # all, one after the other
 #   bash scripts/make_colour_adapters.sh colourfulness   # only the adapters whose name contains it
@@ -29,15 +29,17 @@ if [[ ! -f "$OUT/calibration.json" ]]; then
     --guidance-scale 3.0 --seed 1000 -o "$OUT/calibration.json"
 fi
 
-# Reward-filtered fine-tuning on rendered scenes (zoo/colour/finetune.py): 400 steps, each of 32 prompts of the
-# default prompts' form (shape and colour, a size half the time) with 8 rendered scenes each; the scene of each
+# Reward-filtered fine-tuning on rendered scenes (diffblend finetune --algorithm filtered, zoo/colour/finetune.py;
+# one epoch is one step): 400 steps, each of 16 prompts of the
+# default prompts' form (shape and colour, a size half the time) with 32 rendered scenes each; the scene of each
 # prompt that scores best under the adapter's reward (r(w) on calibrated rewards for the MORL oracles) is kept and
 # the LoRA (rank 4, AdamW 3e-3) is trained on it with the base's own loss. Every adapter has the same settings.
 # The on-policy trainers of `diffblend finetune` (DPOK, RWR) were tried first and could not move JPEG size on
 # this budget (docs/colour_default.md, "How the adapters are made").
 STEPS=${STEPS:-400}  # the shipped adapters: 400
-COMMON=(--calibration "$OUT/calibration.json" --steps "$STEPS" --batch-size 32 --candidates 8 --rank 4 --lr 3e-3
-        --seed 0 --no-progress --threads 1)
+COMMON=(--algorithm filtered --model colour --kl 0 --calibration "$OUT/calibration.json" --epochs "$STEPS"
+        --prompts-per-epoch 16 --samples-per-prompt 32 --rank 4 --lr 3e-3 --weight-decay 0 --seed 0
+        --checkpoint-every 50 --no-progress)
 
 # name | reward
 ADAPTERS=(
@@ -55,7 +57,7 @@ if [[ "$ONLY" != "manifest" ]]; then
     resume=()
     [[ -f "$RUNS/$name/checkpoint.pt" ]] && resume=(--resume)
     start=$SECONDS
-    python -m diffblend.zoo.colour.finetune "$RUNS/$name" --reward "$reward" -o "$OUT/$name.safetensors" \
+    diffblend finetune --run-dir "$RUNS/$name" --reward "$reward" -o "$OUT/$name.safetensors" \
       "${COMMON[@]}" "${resume[@]}"
     echo "$name: $((SECONDS - start)) s wall"
   done
@@ -72,13 +74,13 @@ for e in entries:
     if not (out / f"{name}.safetensors").is_file():
         continue
     item = {"file": f"{name}.safetensors", "reward": reward, "rank": 4, "seed": 0,
-            "algorithm": "best-of-8 filtered fine-tuning on rendered scenes (zoo/colour/finetune.py)",
+            "algorithm": "best-of-32 filtered fine-tuning on rendered scenes (zoo/colour/finetune.py)",
             "steps": int(sys.argv[2]), "calibration": "calibration.json"}
     if "=" in reward:
         item["weights"] = {k: float(v) for k, v in (p.split("=") for p in reward.split(","))}
     adapters[name] = item
 manifest = {"about": "LoRA adapters (rank 4, diffusers LoRA safetensors) of the embedded colour model, fine-tuned "
-                     "on the best of 8 rendered scenes per prompt under calibrated rewards by "
+                     "on the best of 32 rendered scenes per prompt under calibrated rewards by "
                      "scripts/make_colour_adapters.sh.", "adapters": adapters}
 (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 print(f"manifest: {len(adapters)} adapters")
