@@ -438,6 +438,11 @@ def test_evaluate_adapters_pairs_the_noise_and_reports_kl(tmp_path):
     # the zero update is the base: the same images (paired noise) and KL 0
     assert res["zero"]["boldness"] == res["base"]["boldness"] and res["zero"]["kl_path"] == 0.0
     assert res["trained"]["kl_path"] > 0 and res["trained"]["boldness"] != res["base"]["boldness"]
+    # without the KL pass: the same rewards of the same images, and no KL
+    quick = evaluate_adapters(tiny_policy(), files, rewards=("boldness",), prompts=("a", "b"), per_prompt=2,
+                              num_steps=4, guidance_scale=1.0, kl=False)
+    assert all("kl_path" not in r for r in quick.values())
+    assert {k: r["boldness"] for k, r in quick.items()} == {k: r["boldness"] for k, r in res.items()}
 
 
 def test_resume_after_a_kill_mid_metrics_write(tmp_path):

@@ -5,7 +5,7 @@ the path KL is estimated along the adapter's own trajectories as sum_t KL(p_adap
 p_base(.|x_t)), in nats per image, which bounds KL(p_adapter(x0) || p_base(x0)) from above.
 
     python -m diffblend.train.evaluate [--model colour] --adapter NAME=FILE ... [--per-prompt 16] [--calibration FILE]
-        [-o evaluation.json]
+        [--no-kl] [-o evaluation.json]
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _evaluate(policy: DiffusionPolicy, rewards: Mapping[str, object], prompts: S
 def evaluate_adapters(policy: DiffusionPolicy, adapters: Mapping[str, str | os.PathLike],
                       rewards: Sequence[str] = ("jpeg_compressibility", "legibility", "boldness"), *,
                       prompts: Sequence[str] = DIGIT_PROMPTS, per_prompt: int = 16, seed: int = 1234,
-                      num_steps: int = 20, guidance_scale: float = 2.0) -> dict[str, dict[str, float]]:
+                      num_steps: int = 20, guidance_scale: float = 2.0,
+                      kl: bool = True) -> dict[str, dict[str, float]]:
     """Mean rewards (and legibility accuracy, path KL) of the base and of each adapter.
 
     Args:
@@ -67,10 +68,11 @@ def evaluate_adapters(policy: DiffusionPolicy, adapters: Mapping[str, str | os.P
         adapters: ``{name: file}`` of diffusers LoRA files trained on this base.
         rewards: registry names to score with.
         per_prompt: images per prompt (the same seeds for every model).
+        kl: estimate each adapter's path KL (two network passes per step of its images: most of the time).
 
     Returns:
         ``{"base": {...}, name: {...}}`` with one mean per reward, ``accuracy`` (share of images the
-        classifier reads as the prompted digit) and, for adapters, ``kl_path`` (nats per image).
+        classifier reads as the prompted digit) and, for adapters when ``kl``, ``kl_path`` (nats per image).
     """
     from diffblend.rewards import get_reward
 
@@ -87,7 +89,7 @@ def evaluate_adapters(policy: DiffusionPolicy, adapters: Mapping[str, str | os.P
         results["base"] = _evaluate(policy, fns, batch, seed, num_steps, guidance_scale, with_kl=False)
     for name, (state, meta) in files.items():
         set_lora_state_dict(policy.unet, _scaled_to_one(name, state, meta, rank))
-        results[name] = _evaluate(policy, fns, batch, seed, num_steps, guidance_scale, with_kl=True)
+        results[name] = _evaluate(policy, fns, batch, seed, num_steps, guidance_scale, with_kl=kl)
     return results
 
 
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234, help="noise seed of the evaluation images")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: an embedded model's (else 2)")
+    p.add_argument("--no-kl", action="store_true",
+                   help="skip the path KL estimate (two more network passes per step of each adapter's images)")
     p.add_argument("-o", "--output", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     from ..generation import embedded_model
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         embedded.guidance_scale if embedded else 2.0)
     t0 = time.perf_counter()
     res = evaluate_adapters(load_policy(args.model, "cpu"), adapters, rewards, prompts=prompts,
-                            per_prompt=args.per_prompt, seed=args.seed, num_steps=args.steps, guidance_scale=guidance)
+                            per_prompt=args.per_prompt, seed=args.seed, num_steps=args.steps, guidance_scale=guidance,
+                            kl=not args.no_kl)
     cols = sorted({k for r in res.values() for k in r})
     print("model".ljust(28) + "".join(c.rjust(22) for c in cols))
     for name, r in res.items():
