@@ -5,7 +5,8 @@
 Draws ``--per-prompt`` images of each default prompt with the shipped base and with each adapter on the same noise
 (20 DDIM steps, eta 1, CFG 3, image i seeded ``seed * 100000 + i``) and prints, per adapter, each reward's mean
 change in units of the calibration's sd (the base's sd on its default prompts), and the gain in r(w) =
-(1 - w) z_colourfulness + w z_jpeg at w = 0.25, 0.5, 0.75 in units of the sd of r(w) over these base images.
+(1 - w) z_1 + w z_2 of the pair (``--pair``; default the colour model's demo pair, rms_contrast and
+jpeg_compressibility) at w = 0.25, 0.5, 0.75 in units of the sd of r(w) over these base images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-REWARDS = ("colourfulness", "jpeg_compressibility", "prompt_alignment")
+REWARDS = ("rms_contrast", "colourfulness", "jpeg_compressibility", "prompt_alignment")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--calibration", default=str(colour_adapters_dir() / "calibration.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pair", default=None, metavar="R1,R2", help="the pair of r(w) (default: the demo pair)")
     args = ap.parse_args(argv)
+    from diffblend.registry import default_model
+
+    pair = args.pair.split(",") if args.pair else list(default_model("colour").demo_pair)
+    if len(pair) != 2 or not set(pair) <= set(REWARDS):
+        ap.error(f"--pair must be two of {', '.join(REWARDS)}, got {args.pair!r}")
     torch.set_num_threads(args.threads)
     cal = json.loads(Path(args.calibration).read_text())["rewards"]
     batch = [p for p in DEFAULT_PROMPTS for _ in range(args.per_prompt)]
@@ -55,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         s = scores(f)
         out = {k: round(float((s[k] - base[k]).mean() / cal[k]["std"]), 2) for k in REWARDS}
         for w in (0.25, 0.5, 0.75):
-            rb = (1 - w) * z(base, "colourfulness") + w * z(base, "jpeg_compressibility")
-            ro = (1 - w) * z(s, "colourfulness") + w * z(s, "jpeg_compressibility")
+            rb = (1 - w) * z(base, pair[0]) + w * z(base, pair[1])
+            ro = (1 - w) * z(s, pair[0]) + w * z(s, pair[1])
             out[f"r({w}) gain / sd"] = round(float((ro - rb).mean() / rb.std(correction=0)), 2)
         print(Path(f).name, out, flush=True)
     return 0

@@ -9,8 +9,10 @@ without leaving the base's images only as far as it varies *within* a prompt. Fo
 ``seed * 100000 + i``), scores them and prints, per reward: its sd over all the images; the mean sd within a
 prompt as a fraction of it; and the gain of keeping each prompt's best q of its images (mean of the top q minus
 the prompt's mean, averaged over prompts, in units of the overall sd): what a perfect reweighting of the base
-reaches (best-of-n selection). Then the pair's Pearson r across images and within prompts
-(``analysis.reward_correlations``), and the same gains for r(0.5) = (z_1 + z_2) / 2 standardised on these images.
+reaches (best-of-n selection). Then, for each aesthetic proxy paired with JPEG compressibility (rms_contrast, the
+demo pair's, and colourfulness), the pair's Pearson r across images and within prompts
+(``analysis.reward_correlations``: negative = in conflict), and the same gains for r(0.5) = (z_1 + z_2) / 2
+standardised on these images.
 
 The full prompts name all five attributes, so the prompt fixes both colours and the pattern; the default prompts
 (shape and colour, some a size) leave the background to the model. Results: docs/colour_default.md.
@@ -29,8 +31,8 @@ from diffblend.rewards import get_reward
 from diffblend.zoo.colour.data import DEFAULT_PROMPTS
 from diffblend.zoo.colour.measure import generate_images, heldout_prompts
 
-PAIR = ("colourfulness", "jpeg_compressibility")
-REWARDS = (*PAIR, "prompt_alignment")
+PAIRS = (("rms_contrast", "jpeg_compressibility"), ("colourfulness", "jpeg_compressibility"))
+REWARDS = ("rms_contrast", "colourfulness", "jpeg_compressibility", "prompt_alignment")
 FRACTIONS = (0.5, 0.25, 0.1)
 
 
@@ -46,13 +48,14 @@ def describe(scores: dict[str, np.ndarray], prompts: list[str]) -> dict:
     for name, s in scores.items():
         out[name] = {"mean": float(s.mean()), "sd": float(s.std()), "within_sd_ratio": float(s.std(1).mean() / s.std()),
                      "best_fraction_gain": {str(q): best_fraction_gain(s, q) for q in FRACTIONS}}
-    n = scores[PAIR[0]].shape[1]
-    records = [{"method": "base", "weights": None, "lambda": None, "prompt": p, "seed": j,
-                "rewards": {k: float(scores[k][i, j]) for k in PAIR}} for i, p in enumerate(prompts) for j in range(n)]
-    out["pair"] = reward_correlations(records, *PAIR)
-    z = [(scores[k] - scores[k].mean()) / scores[k].std() for k in PAIR]
-    rw = 0.5 * z[0] + 0.5 * z[1]
-    out["r(0.5)"] = {"sd": float(rw.std()), "best_fraction_gain": {str(q): best_fraction_gain(rw, q) for q in FRACTIONS}}
+    n = scores[REWARDS[0]].shape[1]
+    for pair in PAIRS:
+        records = [{"method": "base", "weights": None, "lambda": None, "prompt": p, "seed": j,
+                    "rewards": {k: float(scores[k][i, j]) for k in pair}} for i, p in enumerate(prompts) for j in range(n)]
+        z = [(scores[k] - scores[k].mean()) / scores[k].std() for k in pair]
+        rw = 0.5 * z[0] + 0.5 * z[1]
+        out["/".join(pair)] = {"r": reward_correlations(records, *pair), "r(0.5)": {
+            "sd": float(rw.std()), "best_fraction_gain": {str(q): best_fraction_gain(rw, q) for q in FRACTIONS}}}
     return out
 
 
@@ -78,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         res = results[label] = describe(scores, prompts)
         print(f"\n{label} ({len(prompts)} x {args.per_prompt} images, CFG 3): {', '.join(prompts[:3])}, ...")
         print(f"  {'reward':22s} {'sd':>8s} {'within/sd':>9s}  best-fraction gain (sd) " + " ".join(f"q={q}" for q in FRACTIONS))
-        for k in (*REWARDS, "r(0.5)"):
+        for k in REWARDS:
             r = res[k]
-            within = f"{r['within_sd_ratio']:9.2f}" if "within_sd_ratio" in r else " " * 9
-            print(f"  {k:22s} {r['sd']:8.3f} {within}  {' ' * 24}" + " ".join(f"{v:5.2f}" for v in r["best_fraction_gain"].values()))
-        print(f"  pair Pearson r: across images {res['pair']['across']:+.2f}, within prompts {res['pair']['within']:+.2f}")
+            print(f"  {k:22s} {r['sd']:8.3f} {r['within_sd_ratio']:9.2f}  {' ' * 24}"
+                  + " ".join(f"{v:5.2f}" for v in r["best_fraction_gain"].values()))
+        for pair in PAIRS:
+            r = res["/".join(pair)]
+            print(f"  {' / '.join(pair)}: Pearson r across images {r['r']['across']:+.2f}, within prompts "
+                  f"{r['r']['within']:+.2f}; r(0.5) best-fraction gain (sd) "
+                  + " ".join(f"{v:5.2f}" for v in r["r(0.5)"]["best_fraction_gain"].values()))
     if args.output:
         from diffblend._io import atomic_write_json
 

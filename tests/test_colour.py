@@ -137,6 +137,27 @@ def test_colourfulness_matches_the_formula_by_hand():
         get_reward("colourfulness")(torch.rand(1, 2, 4, 4), [""])
 
 
+def test_rms_contrast_matches_pil_luma_by_hand():
+    """The sd of the luma PIL's convert("L") computes (BT.601, rounded to 8 bits: 1/255 tolerance)."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 5, 4)
+    got = get_reward("rms_contrast")(img, ["", ""])[0]
+    for b in range(2):
+        rgb = (img[b].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        y = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64) / 255
+        assert float(got[b]) == pytest.approx(float(y.std()), abs=2 / 255)
+    flat = torch.full((1, 3, 4, 4), 0.7)
+    assert float(get_reward("contrast")(flat, [""])[0]) == pytest.approx(0.0, abs=1e-6)
+    half = torch.zeros(1, 1, 4, 4)
+    half[..., :2] = 1.0  # half black, half white: the largest contrast
+    assert float(get_reward("rms_contrast")(half, [""])[0]) == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="RGB"):
+        get_reward("rms_contrast")(torch.rand(1, 2, 4, 4), [""])
+
+
 def test_jpeg_compressibility_handles_rgb():
     plain = D.render(_scene(shape="circle", colour="red", size="small", pattern="plain", background="black"),
                      torch.Generator().manual_seed(0))
@@ -231,8 +252,8 @@ def test_colour_diffusion_loss_matches_the_formula_by_hand(prediction_type):
 def test_colour_rewards_resolve_by_name_but_stay_out_of_the_digits_default_list():
     from diffblend.rewards import available_rewards, reward_info
 
-    assert "colourfulness" not in available_rewards() and "prompt_alignment" not in available_rewards()
-    assert {"colourfulness", "prompt_alignment"} <= set(available_rewards(include_unlisted=True))
+    assert not {"colourfulness", "rms_contrast", "prompt_alignment"} & set(available_rewards())
+    assert {"colourfulness", "rms_contrast", "prompt_alignment"} <= set(available_rewards(include_unlisted=True))
     assert "colourfulness" in reward_info()
 
 

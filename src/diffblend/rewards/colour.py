@@ -1,4 +1,5 @@
-"""``colourfulness`` (Hasler and Suesstrunk 2003), the aesthetic proxy of the colour default model; its
+"""Image measures of the colour default model: ``rms_contrast`` (Peli 1990), the aesthetic proxy of its demo pair
+(bold, detailed images, which JPEG pays for), and ``colourfulness`` (Hasler and Suesstrunk 2003); its
 ``prompt_alignment`` reward is the zoo's (``zoo/colour/alignment.py``, registered by the zoo plug-in).
 
 Registered ``listed=False``: it resolves by name everywhere, but stay out of ``available_rewards()``'s
@@ -15,7 +16,7 @@ import torch
 
 from .registry import register_reward
 
-__all__ = ["colourfulness", "colourfulness_score"]
+__all__ = ["colourfulness", "colourfulness_score", "rms_contrast", "rms_contrast_score"]
 
 
 def colourfulness_score(images: torch.Tensor) -> torch.Tensor:
@@ -47,5 +48,37 @@ def colourfulness(device: str | torch.device = "cpu") -> Any:
 
     def fn(images: torch.Tensor, prompts: Sequence[str] = (), metadata: Any = None) -> tuple[torch.Tensor, dict]:
         return colourfulness_score(images), {}
+
+    return fn
+
+
+# ITU-R BT.601 luma weights: the Y that JPEG codes (and PIL's convert("L")).
+LUMA = (0.299, 0.587, 0.114)
+
+
+def rms_contrast_score(images: torch.Tensor) -> torch.Tensor:
+    """RMS contrast (Peli 1990) of each image: the population standard deviation of its luma Y in [0, 1]
+    (Y = 0.299 R + 0.587 G + 0.114 B on the [0, 1] values, JPEG's luma). 0 for a flat image, 0.5 at most (half the
+    pixels black, half white). Grey images (C = 1) are their own luma. Differentiable (except at a flat image)."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    x = images.float().clamp(0, 1)
+    if x.shape[1] == 3:
+        y = sum(w * x[:, i] for i, w in enumerate(LUMA))
+    elif x.shape[1] == 1:
+        y = x[:, 0]
+    else:
+        raise ValueError(f"rms_contrast needs RGB (C = 3) or grey (C = 1) images, got C = {images.shape[1]}")
+    return y.flatten(1).var(1, unbiased=False).sqrt()
+
+
+@register_reward("rms_contrast",
+                 "RMS contrast (Peli 1990): sd of the luma in [0, 1], 0..0.5, higher = bolder, more detailed image",
+                 aliases=("contrast",), listed=False)
+def rms_contrast(device: str | torch.device = "cpu") -> Any:
+    """The aesthetic proxy of the colour model's demo pair: :func:`rms_contrast_score`. Differentiable."""
+
+    def fn(images: torch.Tensor, prompts: Sequence[str] = (), metadata: Any = None) -> tuple[torch.Tensor, dict]:
+        return rms_contrast_score(images), {}
 
     return fn

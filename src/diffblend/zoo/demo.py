@@ -113,7 +113,7 @@ def demo_figure(res: DemoResult, path: str | Path, scale: int = 4) -> Path:
     K, N = len(res.ws), len(res.prompts)
     cell = 0.75  # inches per image: room for two or three lines of labels above each column
     short = {"jpeg_compressibility": "compr", "legibility": "legib", "boldness": "bold", "colourfulness": "colour",
-             "prompt_alignment": "align"}
+             "rms_contrast": "contrast", "prompt_alignment": "align"}
     n_rewards = len(res.rewards[methods[0]])
     width = len(methods) * (cell * K + 0.4)
     legend = _legend(list(res.rewards[methods[0]]), short)
