@@ -83,6 +83,6 @@ def register() -> None:
         register_default_model(DefaultModel(
             load=_load_colour, adapters=_colour_adapters, adapters_dir=colour_adapters_dir(),
             report_rewards=("prompt_alignment",), name="colour", prompts=DEFAULT_PROMPTS,
-            demo_pair=("colourfulness", "jpeg_compressibility"), guidance_scale=3.0))
+            demo_pair=("rms_contrast", "jpeg_compressibility"), guidance_scale=3.0))
     register_reward("legibility", LEGIBILITY)(_legibility_factory)
     register_reward("prompt_alignment", PROMPT_ALIGNMENT, listed=False)(_prompt_alignment_factory)
