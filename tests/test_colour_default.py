@@ -75,7 +75,7 @@ def test_evaluate_runs_on_the_colour_model_with_its_defaults(tmp_path, capsys):
     assert evaluate_main(["--model", "colour", "--adapter", f"c={d / 'colourfulness.safetensors'}", "--per-prompt",
                           "1", "--steps", "2", "--calibration", str(d / "calibration.json"), "-o", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["settings"]["rewards"] == ["colourfulness", "jpeg_compressibility", "prompt_alignment"]
+    assert res["settings"]["rewards"] == [*default_model("colour").demo_pair, "prompt_alignment"]
     assert res["settings"]["guidance_scale"] == 3.0 and len(res["settings"]["prompts"]) == 10
     assert set(res["results"]) == {"base", "c"} and res["results"]["c"]["kl_path"] > 0
     assert "base sd units" in capsys.readouterr().out

@@ -133,7 +133,7 @@ def test_the_finetune_command_runs_the_filtered_trainer_with_the_same_result(tmp
     (["--kl", "1"], "kl must be 0"),
     (["--kl", "0", "--eta", "0.5"], "eta must be left at its default"),
     (["--kl", "0", "--prompts", "a red circle"], "prompts must be left at its default"),
-    (["--kl", "0", "--model", "digits"], "model must be 'colour'"),
+    (["--kl", "0", "--model", "digits"], "model must be an embedded model with a scene renderer"),
 ])
 def test_the_finetune_command_names_what_filtered_does_not_take(extra, match, tmp_path, capsys):
     from diffblend.cli import main

@@ -41,7 +41,9 @@ class DefaultModel:
     ``adapters_dir``: the folder of the adapters' manifest.json (or None); ``report_rewards``: rewards
     reported beside the adapters' own (e.g. the digits' legibility); ``name``: what ``--model NAME``
     selects; ``prompts``: what commands generate or train on when given no prompts; ``demo_pair``: the
-    two adapters ``diffblend demo`` blends; ``guidance_scale``: its CFG scale at generation."""
+    two adapters ``diffblend demo`` blends; ``guidance_scale``: its CFG scale at generation;
+    ``filtered_finetune``: its best-of-n trainer on rendered scenes, ``(FinetuneConfig, run_dir, out, *, resume,
+    progress, stop_after) -> summary`` (``diffblend finetune --algorithm filtered``), or None."""
 
     load: Callable[[Any], Any]
     adapters: Callable[[bool], dict[str, Path]]
@@ -51,6 +53,7 @@ class DefaultModel:
     prompts: tuple[str, ...] = ()
     demo_pair: tuple[str, str] | None = None
     guidance_scale: float = 2.0
+    filtered_finetune: Callable[..., dict] | None = None
 
 
 def load_plugins() -> None:

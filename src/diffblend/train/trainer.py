@@ -341,27 +341,19 @@ def finetune(
 
 def _finetune_filtered(cfg: FinetuneConfig, run_dir: Path, *, resume: bool, output, progress: bool,
                        stop_after: int | None) -> FinetuneResult:
-    """``algorithm="filtered"``: best-of-n fine-tuning of the colour model on its rendered scenes
-    (``zoo/colour/finetune.py``); its metrics rows (step, loss, kept, all: the reward of the kept scenes and of all
-    candidates) are this call's."""
-    import json
-
+    """``algorithm="filtered"``: the embedded model's own best-of-n trainer on its scene renderer (the colour
+    model's, ``zoo/colour/finetune.py``, registered as ``DefaultModel.filtered_finetune``); its metrics rows
+    (step, loss, kept, all: the reward of the kept scenes and of all candidates) are this call's."""
     from ..generation import embedded_model
-    from ..zoo.colour.finetune import filtered_config, finetune_filtered
 
     model = embedded_model(cfg.model)
-    if model is None or model.name != "colour":
-        raise ValueError(f"model must be 'colour' (or none while it is the default) with algorithm 'filtered', which "
-                         f"draws its candidates from that model's scene renderer; got {cfg.model!r}")
-    done = 0
-    if resume and (run_dir / "checkpoint.pt").is_file():
-        done = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"])
+    if model is None or model.filtered_finetune is None:
+        raise ValueError(f"model must be an embedded model with a scene renderer (colour; none = the default, if it is "
+                         f"one) with algorithm 'filtered', which draws its candidates from that renderer; got "
+                         f"{cfg.model!r}")
     out = Path(output) if output is not None else run_dir / "adapter.safetensors"
-    summary = finetune_filtered(filtered_config(cfg), run_dir, out, resume=resume, progress=progress,
-                                stop_after=stop_after)
-    log = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    return FinetuneResult(adapter=out, epochs=summary["steps"], metrics=[r for r in rows if r["step"] > done])
+    summary = model.filtered_finetune(cfg, run_dir, out, resume=resume, progress=progress, stop_after=stop_after)
+    return FinetuneResult(adapter=out, epochs=summary["steps"], metrics=summary["metrics"])
 
 
 def _train(run: _Run, run_dir: Path, reward_fn, monitors: dict, epochs: range, progress: bool) -> list[dict]:

@@ -46,6 +46,12 @@ def _load_colour(device="cpu"):  # noqa: ANN001, ANN202
     return load_colour_pipeline(device=device)
 
 
+def _colour_filtered_finetune(cfg, run_dir, out, **kw):  # noqa: ANN001, ANN003, ANN202
+    from .colour.finetune import finetune_from_config
+
+    return finetune_from_config(cfg, run_dir, out, **kw)
+
+
 def _legibility_factory(device="cpu", path=None):  # noqa: ANN001, ANN202
     from .legibility import legibility
 
@@ -83,6 +89,7 @@ def register() -> None:
         register_default_model(DefaultModel(
             load=_load_colour, adapters=_colour_adapters, adapters_dir=colour_adapters_dir(),
             report_rewards=("prompt_alignment",), name="colour", prompts=DEFAULT_PROMPTS,
-            demo_pair=("rms_contrast", "jpeg_compressibility"), guidance_scale=3.0))
+            demo_pair=("rms_contrast", "jpeg_compressibility"), guidance_scale=3.0,
+            filtered_finetune=_colour_filtered_finetune))
     register_reward("legibility", LEGIBILITY)(_legibility_factory)
     register_reward("prompt_alignment", PROMPT_ALIGNMENT, listed=False)(_prompt_alignment_factory)

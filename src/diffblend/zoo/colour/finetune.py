@@ -34,7 +34,8 @@ from ..train_base import _lr_factor, _truncate_metrics
 from .data import prompt_for, redraw_clashing_backgrounds, render, sample_attributes
 from .train import diffusion_loss
 
-__all__ = ["FilteredConfig", "draw_candidates", "keep_best", "finetune_filtered", "filtered_config"]
+__all__ = ["FilteredConfig", "draw_candidates", "keep_best", "finetune_filtered", "filtered_config",
+           "finetune_from_config"]
 
 
 @dataclass
@@ -113,9 +114,18 @@ def filtered_config(cfg: Any) -> FilteredConfig:
                           checkpoint_every=cfg.checkpoint_every)
 
 
+def finetune_from_config(cfg: Any, run_dir: str | Path, out: str | Path, *, resume: bool = False,
+                         progress: bool = True, stop_after: int | None = None) -> dict:
+    """``diffblend finetune --algorithm filtered`` on the colour model (the hook the zoo plug-in registers):
+    :func:`finetune_filtered` of :func:`filtered_config` ``(cfg)``."""
+    return finetune_filtered(filtered_config(cfg), run_dir, out, resume=resume, progress=progress,
+                             stop_after=stop_after)
+
+
 def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path, pipe: Any = None,
                       resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train (or resume) a filtered LoRA into ``run_dir``, write it to ``out`` (.safetensors); returns a summary.
+    """Train (or resume) a filtered LoRA into ``run_dir``, write it to ``out`` (.safetensors); returns a summary
+    (with ``metrics``: the rows this call logged).
 
     ``pipe``: the colour pipeline to adapt (default: the shipped base). ``stop_after``: stop after that many
     steps of this call, with a checkpoint and without writing ``out`` (as if the run had been killed there)."""
@@ -163,7 +173,7 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
     T = pipe.scheduler.config.num_train_timesteps
     end = cfg.steps if stop_after is None else min(cfg.steps, step + int(stop_after))
     pipe.unet.train()
-    t0, rows = time.time(), []
+    t0, rows, logged = time.time(), [], []
     bar = tqdm(total=cfg.steps, initial=step, desc=f"filtered {cfg.reward}", disable=not progress)
     with open(run / "metrics.jsonl", "a") as log:
         while step < end:
@@ -190,8 +200,9 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 recent = rows[-cfg.log_every:]
-                log.write(json.dumps({"step": step, **{k: sum(r[k] for r in recent) / len(recent) for k in recent[0]},
-                                      "seconds": round(time.time() - t0, 1)}) + "\n")
+                logged.append({"step": step, **{k: sum(r[k] for r in recent) / len(recent) for k in recent[0]},
+                               "seconds": round(time.time() - t0, 1)})
+                log.write(json.dumps(logged[-1]) + "\n")
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == end:
                 state = {"lora": lora_state_dict(pipe.unet), "optimizer": opt.state_dict(),
@@ -200,14 +211,15 @@ def finetune_filtered(cfg: FilteredConfig, run_dir: str | Path, out: str | Path,
     bar.close()
     pipe.unet.eval()
     if step < cfg.steps:
-        return {"steps": step, "seconds": round(time.time() - t0, 1), "adapter": None}
+        return {"steps": step, "seconds": round(time.time() - t0, 1), "adapter": None, "metrics": logged}
     save_lora(pipe.unet, out, pipeline_class=type(pipe))
     if not rows:  # resumed a finished run: the adapter is written again, its summary stays
-        return {"steps": step, "seconds": 0.0, "adapter": str(out)}
+        return {"steps": step, "seconds": 0.0, "adapter": str(out), "metrics": logged}
     summary = {"steps": step, "seconds": round(time.time() - t0, 1), "adapter": str(out),
                "kept_reward_mean": sum(r["kept"] for r in rows[-50:]) / max(1, len(rows[-50:])),
                "candidate_reward_mean": sum(r["all"] for r in rows[-50:]) / max(1, len(rows[-50:]))}
     atomic_write_json(run / "summary.json", summary)
+    summary["metrics"] = logged  # returned, not written: they are in metrics.jsonl
     return summary
 
 
