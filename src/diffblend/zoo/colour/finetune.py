@@ -16,6 +16,15 @@ CPU budget the on-policy trainers (``diffblend finetune``, DPOK and RWR) could n
 and the adapter (diffusers LoRA safetensors, as ``diffblend finetune`` writes):
 
     python -m diffblend.zoo.colour.finetune RUN_DIR --reward colourfulness --calibration CAL -o colourfulness.safetensors
+
+or, the same run through the project's fine-tuning command (epochs = steps, prompts per epoch = prompts per step,
+samples per prompt = candidates; :func:`filtered_config`):
+
+    diffblend finetune --algorithm filtered --model colour --kl 0 --reward colourfulness --calibration CAL
+        --epochs 300 --prompts-per-epoch 32 --samples-per-prompt 8 --lr 3e-3 --weight-decay 0 --checkpoint-every 50
+        --run-dir RUN_DIR -o colourfulness.safetensors
+
+(one command; the options differ from ``diffblend finetune``'s defaults, which are DPOK's).
 """
 
 from __future__ import annotations
