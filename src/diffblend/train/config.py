@@ -24,8 +24,8 @@ FILTERED_SETTINGS = frozenset({"reward", "kl", "model", "calibration", "rank", "
 
 @dataclass
 class FinetuneConfig:
-    """RL fine-tuning (DPOK, or reward-weighted regression) of one LoRA adapter for one reward (or one weighted
-    reward, MORL).
+    """RL fine-tuning (DPOK, or reward-weighted regression; or best-of-n filtering of an embedded model's rendered
+    scenes) of one LoRA adapter for one reward (or one weighted reward, MORL).
 
     Every field has its unit. "epoch" = one round of rollouts followed by the policy updates on them.
     """
@@ -61,11 +61,11 @@ class FinetuneConfig:
     algorithm: str = setting("dpok", "dpok: PPO-clipped policy gradient on the stored transitions (DPOK / DDPO); "
                                      "rwr: reward-weighted regression, the denoising loss on the epoch's own images "
                                      "weighted by exp(r / rwr_beta) within each prompt's group (both with the KL term); "
-                                     "filtered: the colour model only: each epoch renders samples_per_prompt scenes "
-                                     "for each of prompts_per_epoch prompts of its default form, keeps the best "
-                                     "under the reward and takes one step of the base's own loss on them (best of n, "
-                                     "RAFT; zoo/colour/finetune.py): one epoch = one step, kl must be 0 and the "
-                                     "rollout settings stay at their defaults",
+                                     "filtered: an embedded model with a scene renderer (colour): each epoch "
+                                     "renders samples_per_prompt scenes for each of prompts_per_epoch prompts of its "
+                                     "default form, keeps the best under the reward and takes one step of the base's "
+                                     "own loss on them (best of n, RAFT; zoo/colour/finetune.py): one epoch = one "
+                                     "step, kl must be 0 and the rollout settings stay at their defaults",
                              choices=("dpok", "rwr", "filtered"))
     rwr_beta: float = setting(0.5, "rwr: temperature beta > 0 of the weights exp(r / beta), in reward units (one "
                                    "base sd under --calibration); each epoch tilts the model towards p exp(r / beta)")
