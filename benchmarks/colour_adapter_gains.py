@@ -6,7 +6,9 @@ Draws ``--per-prompt`` images of each default prompt with the shipped base and w
 (20 DDIM steps, eta 1, CFG 3, image i seeded ``seed * 100000 + i``) and prints, per adapter, each reward's mean
 change in units of the calibration's sd (the base's sd on its default prompts), and the gain in r(w) =
 (1 - w) z_1 + w z_2 of the pair (``--pair``; default the colour model's demo pair, rms_contrast and
-jpeg_compressibility) at w = 0.25, 0.5, 0.75 in units of the sd of r(w) over these base images.
+jpeg_compressibility) at w = 0.25, 0.5, 0.75 in units of the sd of r(w) over these base images; and, as a
+check for reward hacking, how often the shipped attribute classifier reads the prompted colour (p > 0.5) and every
+prompted attribute (argmax), on the base's images and on each adapter's.
 """
 
 from __future__ import annotations
@@ -51,16 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         if adapter:
             pipe.load_lora_weights(adapter, adapter_name="a")
         images = generate_images(pipe, batch, seed=args.seed)
-        return {k: fns[k](images, batch, None)[0] for k in REWARDS}
+        out = {}
+        for k in REWARDS:
+            out[k], info = fns[k](images, batch, None)
+            if k == "prompt_alignment":
+                out["colour read"] = float((info["prob_colour"] > 0.5).float().mean())
+                out["all read"] = float(info["correct"].mean())
+        return out
 
     def z(s: dict, k: str) -> torch.Tensor:
         return (s[k] - cal[k]["mean"]) / cal[k]["std"]
 
     base = scores(None)
     print(f"{len(batch)} paired images ({args.per_prompt} per default prompt, seed {args.seed}, CFG 3)")
+    print("base", {k: round(base[k], 3) for k in ("colour read", "all read")}, flush=True)
     for f in args.adapters:
         s = scores(f)
         out = {k: round(float((s[k] - base[k]).mean() / cal[k]["std"]), 2) for k in REWARDS}
+        out.update({k: round(s[k], 3) for k in ("colour read", "all read")})
         for w in (0.25, 0.5, 0.75):
             rb = (1 - w) * z(base, pair[0]) + w * z(base, pair[1])
             ro = (1 - w) * z(s, pair[0]) + w * z(s, pair[1])

@@ -51,7 +51,7 @@ ADAPTERS=(
   "rms_contrast|rms_contrast|800"
   "jpeg_compressibility|jpeg_compressibility|$STEPS"
   "colourfulness|colourfulness|$STEPS"
-  "morl_w0_5|rms_contrast=0.5,jpeg_compressibility=0.5|$STEPS"
+  "morl_w0_5|rms_contrast=0.5,jpeg_compressibility=0.5|800"
   "morl_w0_25|rms_contrast=0.75,jpeg_compressibility=0.25|$STEPS"
   "morl_w0_75|rms_contrast=0.25,jpeg_compressibility=0.75|$STEPS"
 )
