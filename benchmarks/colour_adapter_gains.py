@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 REWARDS = ("rms_contrast", "colourfulness", "jpeg_compressibility", "prompt_alignment")
+READ = ("colour read", "all read")  # shares of images the classifier reads as prompted (measure.read_rates)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffblend.rewards import get_reward
     from diffblend.zoo import weights_dir
     from diffblend.zoo.colour.data import DEFAULT_PROMPTS
-    from diffblend.zoo.colour.measure import generate_images
+    from diffblend.zoo.colour.measure import generate_images, read_rates
     from diffblend.zoo.plugin import colour_adapters_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in REWARDS:
             out[k], info = fns[k](images, batch, None)
             if k == "prompt_alignment":
-                out["colour read"] = float((info["prob_colour"] > 0.5).float().mean())
-                out["all read"] = float(info["correct"].mean())
+                rates = read_rates(info)
+                out["colour read"], out["all read"] = rates["colour"], rates["all"]
         return out
 
     def z(s: dict, k: str) -> torch.Tensor:
@@ -66,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     base = scores(None)
     print(f"{len(batch)} paired images ({args.per_prompt} per default prompt, seed {args.seed}, CFG 3)")
-    print("base", {k: round(base[k], 3) for k in ("colour read", "all read")}, flush=True)
+    print("base", {k: round(base[k], 3) for k in READ}, flush=True)
     for f in args.adapters:
         s = scores(f)
         out = {k: round(float((s[k] - base[k]).mean() / cal[k]["std"]), 2) for k in REWARDS}
-        out.update({k: round(s[k], 3) for k in ("colour read", "all read")})
+        out.update({k: round(s[k], 3) for k in READ})
         for w in (0.25, 0.5, 0.75):
             rb = (1 - w) * z(base, pair[0]) + w * z(base, pair[1])
             ro = (1 - w) * z(s, pair[0]) + w * z(s, pair[1])

@@ -19,7 +19,7 @@ from .data import ATTRIBUTES, HELDOUT_SEED, prompt_for, sample_attributes
 
 REWARDS = ("prompt_alignment", "colourfulness", "jpeg_compressibility")
 
-__all__ = ["heldout_prompts", "generate_images", "measure"]
+__all__ = ["heldout_prompts", "generate_images", "read_rates", "measure"]
 
 
 def heldout_prompts(n: int, seed: int = HELDOUT_SEED) -> list[str]:
@@ -41,6 +41,14 @@ def generate_images(pipe: Any, prompts: list[str], steps: int = 20, guidance_sca
     return torch.cat(out)
 
 
+def read_rates(info: dict) -> dict:
+    """From ``prompt_alignment``'s ``info``: the share of images whose prompted value of each attribute the
+    classifier reads with p > 0.5 (an attribute the prompt does not name counts as not read), and the share whose
+    every named attribute is the classifier's argmax (``all``)."""
+    rates = {k: float((info[f"prob_{k}"] > 0.5).float().mean()) for k in ATTRIBUTES}
+    return {**rates, "all": float(info["correct"].mean())}
+
+
 def measure(images: torch.Tensor, prompts: list[str], classifier_path: str | None = None) -> dict:
     """Prompt accuracy and the rewards' statistics and correlations on ``images`` drawn for ``prompts``."""
     from ...rewards import get_reward
@@ -51,8 +59,9 @@ def measure(images: torch.Tensor, prompts: list[str], classifier_path: str | Non
         s, info = get_reward(name, **opts)(images, prompts)
         scores[name] = s.float()
         if name == "prompt_alignment":
-            out["prompt_accuracy_all"] = float(info["correct"].mean())
-            out["attribute_accuracy"] = {k: float((info[f"prob_{k}"] > 0.5).float().mean()) for k in ATTRIBUTES}
+            rates = read_rates(info)
+            out["prompt_accuracy_all"] = rates.pop("all")
+            out["attribute_accuracy"] = rates
     out["rewards"] = {n: {"mean": float(s.mean()), "sd": float(s.std())} for n, s in scores.items()}
     stacked = torch.stack([scores[n] for n in REWARDS])
     corr = torch.corrcoef(stacked)
